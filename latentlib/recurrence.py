@@ -1,0 +1,321 @@
+"""The latent recurrence engine: batched, left-padded, KV-cached forward and generation
+over any Hugging Face causal LM, where each position's input is either a token
+embedding or a vector injected from the previous position's hidden states.
+
+Why our own loop: ``transformers``' ``generate`` picks one token per step from logits;
+it has no way to feed a hidden state back as the next input, which is the whole of
+latent reasoning. Everything else here is the library's: the model, its KV cache
+(``DynamicCache``), its attention masks and position handling.
+
+Training forward (:func:`latent_forward`). A thought at column ``t`` depends on the
+hidden state at ``t - 1``, so the sequence cannot go through in one pass. We split the
+columns at every column that holds a thought in any row: one pass per chunk, the KV
+cache carrying the past, so a batch with ``n`` aligned thoughts costs one full pass plus
+``n`` single-column passes (the same number of passes as Coconut, each over new columns
+only, with the embeddings built by tensor ops instead of per-element Python lists).
+Gradients flow through every thought and through the cache; ``tbptt`` cuts the
+thought-to-thought path every ``tbptt`` thoughts.
+
+Generation (:func:`generate`). One forward of one column per step for the whole batch.
+Before each step a *policy* (see :mod:`latentlib.policies`) looks at each sequence's
+sampled token and says, per sequence, whether the next input is that token, a forced
+token, or a latent step. Fixed-K thoughts (Coconut, QThink), SWITCH's dynamic blocks,
+pause tokens and plain decoding are all policies over this one loop; the engine has no
+method-specific branch.
+
+Conventions: ``attention_mask`` is 1 on real positions (left padding is 0); positions
+follow ``model.generate`` (cumulative sum of the mask, minus one). Latent positions can
+instead skip the position counter (``latent_positions="skip"``): text keeps the
+positions it would have had without thoughts, and each thought shares the position of
+the text token after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentlib.injection import HiddenLayer, Injector
+
+__all__ = ["LatentOutput", "Trace", "position_ids_for", "latent_forward", "generate", "sample_tokens"]
+
+LATENT_POSITION_MODES = ("continue", "skip")
+
+
+def position_ids_for(attention_mask: torch.Tensor, latent_mask: torch.Tensor | None = None,
+                     mode: str = "continue") -> torch.Tensor:
+    """Position ids ``(B, T)`` from the padding mask, as ``model.generate`` computes them.
+
+    ``mode="skip"``: thoughts do not advance the counter; each takes the position of the
+    text that follows it.
+    """
+    if mode not in LATENT_POSITION_MODES:
+        raise ValueError(f"latent_positions={mode!r}: use one of {LATENT_POSITION_MODES}")
+    mask = attention_mask.long()
+    if mode == "continue" or latent_mask is None:
+        pos = mask.cumsum(-1) - 1
+    else:
+        latent = latent_mask.long() * mask
+        pos = (mask - latent).cumsum(-1) - 1 + latent
+    return pos.masked_fill(mask == 0, 0)
+
+
+@dataclass
+class LatentOutput:
+    logits: torch.Tensor  # (B, T, V)
+    hidden: torch.Tensor  # (B, T, D): last layer (after the final norm)
+    thoughts: torch.Tensor  # (B, T, D): the injected vectors at latent positions, zeros elsewhere
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, D), when captured
+
+
+def _check_batch(input_ids, attention_mask, latent_mask):
+    if input_ids.shape != attention_mask.shape or input_ids.shape != latent_mask.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and "
+            f"latent_mask {tuple(latent_mask.shape)} must have the same (B, T) shape"
+        )
+    if latent_mask[:, 0].any():
+        raise ValueError("a thought at column 0 has no previous position to take its hidden state from; "
+                         "put at least one token (e.g. <bot> or the question) before the first thought")
+    if (latent_mask & (attention_mask == 0)).any():
+        raise ValueError("latent_mask marks padding positions; thoughts must be real (attention_mask=1) positions")
+    prev_is_pad = torch.zeros_like(latent_mask)
+    prev_is_pad[:, 1:] = attention_mask[:, :-1] == 0
+    if (latent_mask & prev_is_pad).any():
+        raise ValueError("a thought directly follows padding; left-pad the whole sequence, "
+                         "so that a real token comes before the first thought")
+
+
+def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   latent_mask: torch.Tensor, *, injector: Injector | None = None,
+                   position_ids: torch.Tensor | None = None, latent_positions: str = "continue",
+                   inputs_embeds: torch.Tensor | None = None, tbptt: int | None = None,
+                   capture_layers: tuple[int, ...] = ()) -> LatentOutput:
+    """Training/scoring forward where ``latent_mask`` positions take injected vectors.
+
+    ``input_ids`` holds any placeholder id at latent positions (it is not read there).
+    ``inputs_embeds`` (optional, ``(B, T, D)``) overrides the token embeddings, e.g. for
+    random prefixes. ``capture_layers`` returns those layers' hidden states for every
+    position. With no latent position this is exactly one plain forward.
+    """
+    injector = injector if injector is not None else HiddenLayer(-1)
+    latent_mask = latent_mask.bool()
+    _check_batch(input_ids, attention_mask, latent_mask)
+    if tbptt is not None and tbptt < 1:
+        raise ValueError(f"tbptt={tbptt}: the truncation length must be >= 1 thoughts (or None for full backprop)")
+    B, T = input_ids.shape
+    embed = model.get_input_embeddings()
+    embeds = embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+    if position_ids is None:
+        position_ids = position_ids_for(attention_mask, latent_mask, latent_positions)
+
+    latent_cols = torch.nonzero(latent_mask.any(0)).flatten().tolist()
+    bounds = [0, *latent_cols, T]
+    cache = None
+    logits, hidden, thoughts = [], [], []
+    layers: dict[int, list[torch.Tensor]] = {k: [] for k in capture_layers}
+    prev_states: tuple[torch.Tensor, ...] | None = None
+    n_thoughts = 0
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        chunk = embeds[:, start:end]  # (B, t, D)
+        thought_col = torch.zeros_like(chunk[:, :1])
+        if start in latent_cols:
+            rows = latent_mask[:, start]  # (B,)
+            thought = injector(prev_states).to(chunk.dtype)  # (B, D)
+            n_thoughts += 1
+            if tbptt is not None and n_thoughts % tbptt == 0:
+                thought = thought.detach()
+            thought = torch.where(rows[:, None], thought, torch.zeros_like(thought))
+            first = torch.where(rows[:, None], thought, chunk[:, 0])
+            chunk = torch.cat([first[:, None], chunk[:, 1:]], dim=1)
+            thought_col = thought[:, None]
+        out = model(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
+                    position_ids=position_ids[:, start:end], past_key_values=cache,
+                    use_cache=True, output_hidden_states=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+        hidden.append(out.hidden_states[-1])
+        thoughts.append(torch.cat([thought_col, torch.zeros_like(chunk[:, 1:])], dim=1))
+        for k in capture_layers:
+            layers[k].append(out.hidden_states[k])
+        prev_states = tuple(h[:, -1] for h in out.hidden_states)
+    return LatentOutput(
+        logits=torch.cat(logits, 1), hidden=torch.cat(hidden, 1), thoughts=torch.cat(thoughts, 1),
+        layers={k: torch.cat(v, 1) for k, v in layers.items()},
+    )
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Trace:
+    """What generation did, per sequence and generated position ``j``.
+
+    ``tokens[b, j]`` is the token fed at position ``j`` (the latent placeholder id at
+    latent steps, ``pad`` after the sequence finished); ``hidden[k][b, j]`` is layer
+    ``k``'s output after that input, i.e. the state that predicts position ``j + 1``.
+    ``entropy[b, j]`` and ``logprob[b, j]`` describe the distribution the token at ``j``
+    was drawn from (entropy at temperature 1; logprob under the sampling temperature).
+    """
+
+    tokens: torch.Tensor  # (B, S) long
+    is_latent: torch.Tensor  # (B, S) bool
+    valid: torch.Tensor  # (B, S) bool: generated before the sequence finished (eos included)
+    entropy: torch.Tensor  # (B, S) float
+    logprob: torch.Tensor  # (B, S) float
+    thoughts: torch.Tensor  # (B, S, D) injected vectors (zeros at text positions)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, S, D)
+    prompt_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, D), last prompt position
+
+    @property
+    def visible_tokens(self) -> torch.Tensor:
+        """(B,) text tokens written (eos excluded is the caller's choice: this counts every text token)."""
+        return (self.valid & ~self.is_latent).sum(1)
+
+    @property
+    def latent_steps(self) -> torch.Tensor:
+        """(B,) latent steps taken."""
+        return (self.valid & self.is_latent).sum(1)
+
+    def text_ids(self, b: int) -> list[int]:
+        """The text tokens of sequence ``b`` in order (latent steps left out)."""
+        keep = self.valid[b] & ~self.is_latent[b]
+        return self.tokens[b][keep].tolist()
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                  generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Greedy (``temperature == 0``) or temperature/top-p sampling, one generator per row.
+
+    Each row draws its own uniform number from its own generator, so a sequence's sample
+    does not depend on which other sequences share the batch.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
+    sorted_p, order = probs.sort(-1, descending=True)
+    if top_p < 1.0:
+        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+    cdf = sorted_p.cumsum(-1)
+    if generators is None:
+        u = torch.rand(logits.shape[0], 1, device=logits.device)
+    else:
+        u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)[:, None]
+    u = u * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1)  # (B, 1)
+    return order.gather(-1, idx).squeeze(-1)
+
+
+def _entropy_and_logprob(logits, tokens, temperature):
+    logp1 = torch.log_softmax(logits.float(), -1)
+    entropy = -(logp1.exp() * logp1).sum(-1)
+    logp = logp1 if temperature in (0, 1) else torch.log_softmax(logits.float() / temperature, -1)
+    return entropy, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+             policy, max_new_tokens: int, eos_token_id: int | list[int], pad_token_id: int,
+             injector: Injector | None = None, latent_token_id: int | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, seeds: list[int] | None = None,
+             inputs_embeds: torch.Tensor | None = None, latent_positions: str = "continue",
+             capture_layers: tuple[int, ...] = ()) -> Trace:
+    """Batched generation in which each sequence independently decodes or thinks.
+
+    ``input_ids``/``attention_mask``: the left-padded prompts ``(B, T)``. ``policy``: an
+    object with ``start(batch_size, device)`` and ``step(state, sampled) -> (latent, token)``
+    (see :mod:`latentlib.policies`). ``seeds``: one per sequence for sampling (default:
+    the global RNG). Stops when every sequence has emitted eos or after ``max_new_tokens``
+    positions (latent steps count toward it).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    injector = injector if injector is not None else HiddenLayer(-1)
+    B = input_ids.shape[0]
+    device = input_ids.device
+    if seeds is not None and len(seeds) != B:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {B} sequences: give one seed per sequence")
+    generators = None
+    if seeds is not None and temperature > 0:
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    placeholder = latent_token_id if latent_token_id is not None else pad_token_id
+    embed = model.get_input_embeddings()
+
+    mask = attention_mask.long()
+    pos = position_ids_for(mask)
+    out = model(input_ids=None if inputs_embeds is not None else input_ids,
+                inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos,
+                use_cache=True, output_hidden_states=True)
+    cache = out.past_key_values
+    logits = out.logits[:, -1]  # (B, V)
+    states = tuple(h[:, -1] for h in out.hidden_states)
+    prompt_hidden = {k: states[k] for k in capture_layers}
+    next_pos = pos[:, -1] + 1  # (B,)
+
+    state = policy.start(B, device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    rec_tok, rec_lat, rec_valid, rec_ent, rec_lp, rec_th = [], [], [], [], [], []
+    rec_hidden: dict[int, list[torch.Tensor]] = {k: [] for k in capture_layers}
+
+    def advance(step_in, latent):
+        nonlocal mask, cache, logits, states, next_pos
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(inputs_embeds=step_in[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True, output_hidden_states=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+        states = tuple(h[:, -1] for h in out.hidden_states)
+        for k in capture_layers:
+            rec_hidden[k].append(states[k])
+        # "skip" positions: a thought does not advance the counter for what follows it.
+        next_pos = next_pos + 1 if latent_positions == "continue" else next_pos + (~latent).long()
+
+    step_in = latent = None
+    for step in range(max_new_tokens):
+        if step > 0:
+            advance(step_in, latent)
+        sampled = sample_tokens(logits, temperature, top_p, generators)
+        latent, token = policy.step(state, sampled)  # (B,) bool, (B,) long
+        latent = latent & ~finished
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        token = torch.where(latent, torch.full_like(token, placeholder), token)
+        entropy, logprob = _entropy_and_logprob(logits, token, temperature)
+        text_emb = embed(token)  # (B, D)
+        if latent.any():
+            thought = injector(states).to(text_emb.dtype)
+            thought = torch.where(latent[:, None], thought, torch.zeros_like(thought))
+            step_in = torch.where(latent[:, None], thought, text_emb)
+        else:
+            thought = torch.zeros_like(text_emb)
+            step_in = text_emb
+        rec_tok.append(token)
+        rec_lat.append(latent)
+        rec_valid.append(~finished)
+        rec_ent.append(entropy)
+        rec_lp.append(logprob)
+        rec_th.append(thought)
+        finished = finished | (~latent & torch.isin(token, eos))
+        if finished.all():
+            break
+    if capture_layers and step_in is not None:
+        advance(step_in, latent)  # the hidden state after the last input, only when asked for
+
+    def stack(xs, dtype=None, shape=(B, 0)):
+        return torch.stack(xs, 1) if xs else torch.zeros(shape, dtype=dtype, device=device)
+
+    D = embed.weight.shape[1]
+    return Trace(
+        tokens=stack(rec_tok, torch.long), is_latent=stack(rec_lat, torch.bool), valid=stack(rec_valid, torch.bool),
+        entropy=stack(rec_ent, torch.float), logprob=stack(rec_lp, torch.float),
+        thoughts=stack(rec_th, embed.weight.dtype, (B, 0, D)),
+        hidden={k: stack(v, embed.weight.dtype, (B, 0, D)) for k, v in rec_hidden.items()},
+        prompt_hidden=prompt_hidden,
+    )

@@ -1,0 +1,31 @@
+"""Shared fixtures: a seeded tiny random Qwen3 model with the special tokens (no network)."""
+
+import pytest
+import torch
+
+from latentlib.presets import build_tiny_model, build_tiny_tokenizer
+from latentlib.tokens import add_special_tokens
+
+torch.set_num_threads(1)  # deterministic, and fair to the other core
+
+WORDS = [str(i) for i in range(10)] + ["+1", "+2", "+3", "*3", "*7", "=", "a", "b", "c"]
+
+
+@pytest.fixture
+def tiny():
+    """(model, tokenizer, ids): 4 layers, width 64, special tokens added, eval mode."""
+    from latentlib.presets import Preset
+
+    tok = build_tiny_tokenizer(WORDS)
+    preset = Preset("test", "scratch", hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                    intermediate_size=128)
+    model = build_tiny_model(len(tok), preset, seed=0)
+    ids = add_special_tokens(model, tok)
+    # At the default init a random model's next-token distribution is near uniform and
+    # greedy decoding repeats one token; larger weights make it choose varied tokens.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    model.eval()
+    return model, tok, ids

@@ -1,0 +1,220 @@
+"""Engine equivalences on a seeded tiny random model (no network)."""
+
+import pytest
+import torch
+
+from latentlib.injection import INJECTION_SPECS, Injector, make_injector
+from latentlib.policies import LATENT, ScriptedPolicy, SwitchPolicy, TextPolicy
+from latentlib.recurrence import generate, latent_forward, position_ids_for
+
+PROMPTS = ["3 +1 *7 =", "1 +2 =", "a b c 4 5 6 7"]
+
+
+def batch_with_thoughts(tok, ids, n_thoughts=(2, 3, 1)):
+    """Left-padded prompts followed by <bot>, n thoughts, <eot>, then two text tokens."""
+    rows = []
+    for prompt, n in zip(PROMPTS, n_thoughts):
+        q = tok(prompt)["input_ids"]
+        rows.append(q + [ids["<bot>"]] + [ids["<latent>"]] * n + [ids["<eot>"], 5, 6])
+    T = max(map(len, rows))
+    input_ids = torch.full((len(rows), T), tok.pad_token_id)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):
+        input_ids[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+    return input_ids, mask, input_ids == ids["<latent>"]
+
+
+def reference_forward(model, input_ids, mask, latent, injector, mode="continue"):
+    """The slow reference: no KV cache; each thought recomputes the whole prefix."""
+    embeds = model.get_input_embeddings()(input_ids).clone()
+    pos = position_ids_for(mask, latent, mode)
+    for t in torch.nonzero(latent.any(0)).flatten().tolist():
+        out = model(inputs_embeds=embeds[:, :t], attention_mask=mask[:, :t], position_ids=pos[:, :t],
+                    output_hidden_states=True, use_cache=False)
+        thought = injector(tuple(h[:, -1] for h in out.hidden_states))
+        embeds[:, t] = torch.where(latent[:, t, None], thought, embeds[:, t])
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+    return out.logits, embeds
+
+
+def test_zero_latents_equals_plain_forward(tiny):
+    model, tok, _ = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    out = latent_forward(model, enc.input_ids, enc.attention_mask, torch.zeros_like(enc.input_ids, dtype=torch.bool))
+    ref = model(**enc, position_ids=position_ids_for(enc.attention_mask)).logits
+    assert torch.equal(out.logits, ref)
+
+
+@pytest.mark.parametrize("mode", ["continue", "skip"])
+def test_cached_equals_uncached(tiny, mode):
+    model, tok, ids = tiny
+    input_ids, mask, latent = batch_with_thoughts(tok, ids)
+    injector = make_injector("hs[-1]")
+    out = latent_forward(model, input_ids, mask, latent, injector=injector, latent_positions=mode)
+    ref, _ = reference_forward(model, input_ids, mask, latent, injector, mode)
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_batched_left_padded_equals_one_at_a_time(tiny):
+    model, tok, ids = tiny
+    input_ids, mask, latent = batch_with_thoughts(tok, ids)
+    out = latent_forward(model, input_ids, mask, latent)
+    for i in range(input_ids.shape[0]):
+        keep = mask[i].bool()
+        alone = latent_forward(model, input_ids[i:i + 1, keep], mask[i:i + 1, keep], latent[i:i + 1, keep])
+        torch.testing.assert_close(out.logits[i, keep], alone.logits[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", INJECTION_SPECS)
+@pytest.mark.parametrize("norm_match", [False, True])
+def test_injected_embedding_equals_transform_of_hidden_state(tiny, spec, norm_match):
+    model, tok, ids = tiny
+    input_ids, mask, latent = batch_with_thoughts(tok, ids)
+    injector = make_injector(spec, model, norm_match=norm_match)
+    out = latent_forward(model, input_ids, mask, latent, injector=injector)
+    # Re-run one plain forward over the filled-in sequence: each thought must equal the
+    # injector applied to the hidden states at the position before it.
+    embeds = torch.where(latent[..., None], out.thoughts, model.get_input_embeddings()(input_ids))
+    plain = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_for(mask),
+                  output_hidden_states=True)
+    b, t = torch.nonzero(latent, as_tuple=True)
+    expected = injector(tuple(h[b, t - 1] for h in plain.hidden_states))
+    torch.testing.assert_close(out.thoughts[b, t], expected, atol=1e-5, rtol=1e-4)
+    if norm_match:
+        rms = out.thoughts[b, t].square().mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, injector.target_rms), atol=1e-4, rtol=1e-4)
+
+
+class Recording(Injector):
+    """Wraps an injector and keeps its outputs with their gradients."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.outputs = inner, []
+
+    def forward(self, hidden_states):
+        x = self.inner(hidden_states)
+        x.retain_grad()
+        self.outputs.append(x)
+        return x
+
+
+def test_gradients_reach_every_thought_and_tbptt_cuts_the_chain(tiny):
+    model, tok, ids = tiny
+    input_ids, mask, latent = batch_with_thoughts(tok, ids, n_thoughts=(3, 3, 3))
+    rec = Recording(make_injector("hs[-1]"))
+    out = latent_forward(model, input_ids, mask, latent, injector=rec)
+    out.logits[:, -1].logsumexp(-1).sum().backward()
+    assert len(rec.outputs) == 3
+    for x in rec.outputs:
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    full = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    rec = Recording(make_injector("hs[-1]"))
+    out = latent_forward(model, input_ids, mask, latent, injector=rec, tbptt=1)
+    out.logits[:, -1].logsumexp(-1).sum().backward()
+    truncated = [p.grad for p in model.parameters() if p.grad is not None]
+    assert any(not torch.allclose(a, b) for a, b in zip(full, truncated))
+    model.zero_grad()
+
+
+def test_greedy_without_latents_equals_model_generate(tiny):
+    model, tok, _ = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    trace = generate(model, enc.input_ids, enc.attention_mask, policy=TextPolicy(), max_new_tokens=12,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ref = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)[:, enc.input_ids.shape[1]:]
+    assert torch.equal(trace.tokens[:, : ref.shape[1]], ref)
+
+
+def _pick_enter_token(model, tok):
+    """A token that the random model emits at different steps in different prompts."""
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    trace = generate(model, enc.input_ids, enc.attention_mask, policy=TextPolicy(), max_new_tokens=10,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    first = {}
+    for b in range(len(PROMPTS)):
+        for j, t in enumerate(trace.tokens[b].tolist()):
+            first.setdefault(t, {}).setdefault(b, j)
+    for t, rows in first.items():
+        if len(rows) >= 2 and len(set(rows.values())) >= 2 and t != tok.eos_token_id:
+            return t
+    pytest.skip("the random model emits no shared token at different steps")
+
+
+@pytest.mark.parametrize("mode", ["continue", "skip"])
+def test_switch_batch_equals_each_sequence_alone(tiny, mode):
+    model, tok, ids = tiny
+    enter = _pick_enter_token(model, tok)
+    policy = SwitchPolicy(enter_id=enter, exit_id=ids["</swi>"], k_min=2, k_max=3)
+    kw = dict(max_new_tokens=16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+              latent_token_id=ids["<latent>"], latent_positions=mode)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    batch = generate(model, enc.input_ids, enc.attention_mask, policy=policy, **kw)
+    starts = {b: int(batch.is_latent[b].float().argmax()) for b in range(3) if batch.is_latent[b].any()}
+    assert len(starts) >= 2 and len(set(starts.values())) >= 2, "sequences must enter latent mode at different steps"
+    for b in range(len(PROMPTS)):
+        one = tok([PROMPTS[b]], return_tensors="pt")
+        alone = generate(model, one.input_ids, one.attention_mask, policy=policy, **kw)
+        n = alone.tokens.shape[1]
+        assert torch.equal(batch.tokens[b, :n], alone.tokens[0])
+        assert torch.equal(batch.is_latent[b, :n], alone.is_latent[0])
+        torch.testing.assert_close(batch.thoughts[b, :n], alone.thoughts[0], atol=1e-5, rtol=1e-4)
+        # K_min and K_max hold for every block.
+        runs = "".join("L" if x else "t" for x in batch.is_latent[b][batch.valid[b]].tolist()).split("t")
+        assert all(2 <= len(r) <= 3 for r in runs if r)
+
+
+@pytest.mark.parametrize("mode", ["continue", "skip"])
+def test_scoring_forward_reproduces_generation(tiny, mode):
+    """What GRPO relies on: re-scoring a generated trace gives the logits generation saw."""
+    model, tok, ids = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    policy = ScriptedPolicy([ids["<bot>"], LATENT, LATENT, LATENT, ids["<eot>"]])
+    trace = generate(model, enc.input_ids, enc.attention_mask, policy=policy, max_new_tokens=9,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     latent_token_id=ids["<latent>"], latent_positions=mode, temperature=1.0, seeds=[1, 2, 3])
+    full = torch.cat([enc.input_ids, trace.tokens], 1)
+    mask = torch.cat([enc.attention_mask, torch.ones_like(trace.tokens)], 1)
+    latent = torch.cat([torch.zeros_like(enc.input_ids, dtype=torch.bool), trace.is_latent], 1)
+    out = latent_forward(model, full, mask, latent, latent_positions=mode)
+    T = enc.input_ids.shape[1]
+    logp = torch.log_softmax(out.logits[:, T - 1:-1], -1).gather(-1, trace.tokens[..., None]).squeeze(-1)
+    text = ~trace.is_latent
+    torch.testing.assert_close(logp[text], trace.logprob[text], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.thoughts[:, T:], trace.thoughts, atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_is_reproducible_per_sequence(tiny):
+    model, tok, _ = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(policy=TextPolicy(), max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+              temperature=1.0, top_p=0.9)
+    a = generate(model, enc.input_ids, enc.attention_mask, seeds=[7, 8, 9], **kw)
+    b = generate(model, enc.input_ids, enc.attention_mask, seeds=[7, 8, 9], **kw)
+    c = generate(model, enc.input_ids, enc.attention_mask, seeds=[1, 2, 3], **kw)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)
+    one = tok([PROMPTS[1]], return_tensors="pt")
+    alone = generate(model, one.input_ids, one.attention_mask, seeds=[8], **kw)
+    assert torch.equal(alone.tokens[0], a.tokens[1, : alone.tokens.shape[1]])
+
+
+def test_bad_inputs_are_refused_with_the_fix(tiny):
+    model, tok, ids = tiny
+    input_ids, mask, latent = batch_with_thoughts(tok, ids)
+    bad = torch.zeros_like(latent)
+    bad[:, 0] = True
+    with pytest.raises(ValueError, match="column 0"):
+        latent_forward(model, input_ids, mask, bad)
+    with pytest.raises(ValueError, match="K_min=5 > K_max=3"):
+        SwitchPolicy(enter_id=1, exit_id=2, k_min=5, k_max=3)
+    with pytest.raises(ValueError, match="unknown injection"):
+        make_injector("hs[last]")
+    with pytest.raises(ValueError, match="tbptt"):
+        latent_forward(model, input_ids, mask, latent, tbptt=0)
+    with pytest.raises(ValueError, match="neither a token id"):
+        ScriptedPolicy([LATENT, -3])
