@@ -94,14 +94,15 @@ def build_tiny_tokenizer(words: list[str]):
     special tokens are *not* included: they are added by :func:`latentlib.tokens.add_special_tokens`,
     the same path as for a real model.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     base = ["<pad>", "<eos>", "<unk>", "####"]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(base + list(words)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    # No decoder: tokenizers then joins words with single spaces, which is the inverse of
+    # WhitespaceSplit here (a WordPiece decoder would glue "####" to the word before it).
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
                                    unk_token="<unk>", padding_side="left")
     return fast
