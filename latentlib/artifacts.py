@@ -1,0 +1,229 @@
+"""Run directories, and atomic, pickle-free saving and loading of everything a run writes.
+
+Layout: ``<runs root>/<run>/<stage>/<name>/``. Stages find each other's artifacts by run
+name and stage name (never by a path in a config). The runs root is ``$LATENTLIB_RUNS``,
+or ``runs/`` at the top of the checkout.
+
+Every artifact directory is written to a temporary sibling and renamed into place, and
+ends with a ``COMPLETE`` marker holding its metadata (seed, library versions, what it
+is). A directory without the marker, such as one left by a killed process, is never
+taken for a finished artifact.
+
+Nothing here uses pickle: tensors go to safetensors, everything else to JSON. Nested
+state (optimizer, scheduler, RNG) is stored as a JSON tree whose tensor leaves point
+into a safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["runs_root", "stage_dir", "artifact_dir", "MissingArtifactError", "CorruptArtifactError",
+           "atomic_dir", "write_complete", "is_complete", "require_artifact", "save_tree", "load_tree",
+           "save_json", "load_json", "versions", "rng_state", "set_rng_state", "save_state_dict",
+           "load_state_dict_file"]
+
+COMPLETE = "COMPLETE"
+
+
+class MissingArtifactError(FileNotFoundError):
+    """A stage's input artifact does not exist (or was never completed)."""
+
+
+class CorruptArtifactError(RuntimeError):
+    """An artifact exists but cannot be read (truncated, edited, wrong format)."""
+
+
+def runs_root() -> Path:
+    env = os.environ.get("LATENTLIB_RUNS")
+    if env:
+        return Path(env)
+    top = Path(__file__).resolve().parent.parent
+    if (top / "pyproject.toml").exists():
+        return top / "runs"
+    return Path.home() / ".cache" / "latentlib" / "runs"
+
+
+def stage_dir(run: str, stage: str) -> Path:
+    return runs_root() / run / stage
+
+
+def artifact_dir(run: str, stage: str, name: str) -> Path:
+    return stage_dir(run, stage) / name
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that decide the numbers."""
+    out = {"python": platform.python_version()}
+    for pkg in ("latentlib", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    out["torch_threads"] = str(torch.get_num_threads())
+    return out
+
+
+class atomic_dir:
+    """``with atomic_dir(final) as tmp:`` write into ``tmp``; on success it replaces ``final``.
+
+    On an exception the temporary directory is removed and ``final`` is left as it was.
+    """
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        for f in self.tmp.iterdir():  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def write_complete(directory: Path, meta: dict[str, Any]) -> None:
+    """Writes the completion marker (last, inside the temporary directory)."""
+    info = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(), **meta}
+    (Path(directory) / COMPLETE).write_text(json.dumps(info, indent=1, default=str))
+
+
+def is_complete(directory: Path) -> bool:
+    return (Path(directory) / COMPLETE).is_file()
+
+
+def require_artifact(run: str, stage: str, name: str, *, made_by: str) -> Path:
+    """The artifact's directory, or an error naming the notebook that makes it."""
+    d = artifact_dir(run, stage, name)
+    if not is_complete(d):
+        state = "is incomplete (an interrupted write)" if d.exists() else "does not exist"
+        raise MissingArtifactError(
+            f"{stage}/{name} of run {run!r} {state} (looked in {d}); run {made_by} first for this run "
+            f"(e.g. papermill notebooks/{made_by} out.ipynb -p run {run})"
+        )
+    return d
+
+
+def load_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptArtifactError(f"{path} is not valid JSON ({e}); delete it and re-run the stage that wrote it") from e
+
+
+def save_json(obj: Any, path: Path) -> None:
+    """Writes JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata_: dict | None = None) -> None:
+    """A flat tensor dict to safetensors (shared storage is cloned, tensors made contiguous)."""
+    flat = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    save_file(flat, str(path), metadata={k: str(v) for k, v in (metadata_ or {}).items()})
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise MissingArtifactError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/invalid files
+        raise CorruptArtifactError(
+            f"{path} cannot be read as safetensors ({type(e).__name__}: {e}); the file is truncated or not a "
+            "checkpoint: delete it and resume from the previous checkpoint, or re-run the stage"
+        ) from e
+
+
+# ---------------------------------------------------------------------------- JSON trees with tensor leaves
+
+
+def _encode(obj, tensors: dict[str, torch.Tensor], path: str):
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(obj.copy())
+        return {"__ndarray__": path}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise TypeError(f"cannot store a {type(obj).__name__} at {path} without pickle")
+
+
+def _decode(obj, tensors):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy()
+        if "__dict__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def save_tree(tree: Any, directory: Path, name: str) -> None:
+    """Saves a nested structure (e.g. an optimizer state dict) as ``name.json`` + ``name.safetensors``."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(tree, tensors, name)
+    save_state_dict(tensors, Path(directory) / f"{name}.safetensors")
+    (Path(directory) / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_tree(directory: Path, name: str) -> Any:
+    tensors = load_state_dict_file(Path(directory) / f"{name}.safetensors")
+    return _decode(load_json(Path(directory) / f"{name}.json"), tensors)
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop draws from."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(tuple(state["numpy"]))

@@ -1,0 +1,99 @@
+"""One evaluation for every method: batched generation through the engine on a test
+split, graded, with visible tokens, latent steps and wall time per problem.
+
+A method is evaluated through a *policy factory*: ``policy_for(batch_of_records) ->
+policy`` (plus the injector and the prompt builder), so CoT, no-CoT, Coconut, SWITCH,
+pause tokens and QThink all go through the same function and the same grading.
+
+Visible tokens: the text tokens a reader would see, i.e. generated tokens that are not
+special tokens (eos, padding and the methods' markers are not counted).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from latentlib.batching import prompt_batch
+from latentlib.policies import TextPolicy
+from latentlib.recurrence import generate
+from latentlib.tasks import extract_flexible, extract_strict, grade
+
+__all__ = ["EvalSpec", "evaluate", "summarize"]
+
+
+@dataclass
+class EvalSpec:
+    """How to run one method at evaluation time."""
+
+    name: str  # the method's row label
+    prompt: Callable = None  # record -> prompt token ids (default: the encoded question)
+    policy: Callable = None  # list[record] -> policy (default: plain decoding)
+    injector: object = None  # the injector (default hs[-1])
+    latent_positions: str = "continue"  # position scheme for thoughts
+    inputs_embeds: Callable = None  # (input_ids, attention_mask, records) -> embeddings, for prefix methods
+    max_new_tokens: int = 32  # generation budget (latent steps included)
+    grade_mode: str = "strict"  # "strict", "flexible" or "math"
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, *, batch_size: int = 64,
+             encode: Callable | None = None, progress: bool = True) -> pd.DataFrame:
+    """One row per problem: prediction text, correctness (strict and flexible), visible
+    tokens, latent steps and the batch's wall time divided among its problems."""
+    from latentlib.batching import encode_record
+
+    encode = encode or (lambda r: encode_record(tokenizer, r))
+    prompt_of = spec.prompt or (lambda r: encode(r).question)
+    special = set(tokenizer.all_special_ids)
+    rows = []
+    model.eval()
+    bar = tqdm(total=len(records), desc=f"eval {spec.name}", disable=not progress, dynamic_ncols=True)
+    for s in range(0, len(records), batch_size):
+        chunk = list(records[s:s + batch_size])
+        input_ids, mask = prompt_batch([prompt_of(r) for r in chunk], tokenizer.pad_token_id)
+        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+        embeds = spec.inputs_embeds(input_ids, mask, chunk) if spec.inputs_embeds else None
+        policy = spec.policy(chunk) if spec.policy else TextPolicy()
+        latent_id = tokenizer.get_vocab().get("<latent>")
+        t0 = time.perf_counter()
+        trace = generate(model, input_ids, mask, policy=policy, max_new_tokens=spec.max_new_tokens,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         injector=spec.injector, latent_token_id=latent_id, inputs_embeds=embeds,
+                         latent_positions=spec.latent_positions)
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        for b, r in enumerate(chunk):
+            ids = trace.text_ids(b)
+            text = tokenizer.decode([i for i in ids if i not in special])
+            rows.append({
+                "method": spec.name, "question": r.question, "gold": r.answer, "prediction": text,
+                "extracted_strict": extract_strict(text), "extracted_flexible": extract_flexible(text),
+                "correct": grade(text, r.answer, mode=spec.grade_mode),
+                "correct_flexible": grade(text, r.answer, mode="flexible") if spec.grade_mode == "strict"
+                else grade(text, r.answer, mode=spec.grade_mode),
+                "visible_tokens": sum(i not in special for i in ids),
+                "latent_steps": int(trace.latent_steps[b]),
+                "finished": bool(tokenizer.eos_token_id in ids),
+                "seconds": seconds,
+            })
+        bar.update(len(chunk))
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method: accuracy (strict, flexible), mean visible tokens, latent steps, time."""
+    g = df.groupby("method", sort=False)
+    return pd.DataFrame({
+        "accuracy": g["correct"].mean().round(4),
+        "accuracy_flexible": g["correct_flexible"].mean().round(4),
+        "visible_tokens": g["visible_tokens"].mean().round(2),
+        "latent_steps": g["latent_steps"].mean().round(2),
+        "ms_per_problem": (g["seconds"].mean() * 1000).round(2),
+        "n": g.size(),
+    }).reset_index()
