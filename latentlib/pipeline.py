@@ -1,0 +1,229 @@
+"""Runs the numbered notebooks in order with papermill for one preset, renders each to
+HTML with nbconvert, and writes ``reports/<run>/index.html``.
+
+Parameters come from ``params/<preset>.yaml``: top-level keys go to every notebook that
+declares them in its ``parameters`` cell; a ``notebooks:`` mapping sets values for one
+notebook only. Command-line ``-p name value`` pairs override both. A name that no
+notebook declares is refused before anything runs (papermill itself only warns, and the
+run would silently use the default).
+
+    python -m latentlib.pipeline tiny               # the whole pipeline on the embedded default
+    python -m latentlib.pipeline tiny -p seed 1 --run tiny-seed1
+    python -m latentlib.pipeline tiny --only 00_teacher_extraction
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import html
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+__all__ = ["STAGES", "UnknownParameterError", "notebook_parameters", "resolve_parameters", "run_pipeline", "main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+PARAMS = ROOT / "params"
+STAGES = ("00_teacher_extraction", "01_sft", "02_curriculum", "03_grpo", "04_evaluation", "05_probes")
+
+
+class UnknownParameterError(ValueError):
+    """A parameter name that no notebook of the pipeline declares."""
+
+
+def notebook_parameters(path: Path) -> dict[str, object]:
+    """The names and default values of a notebook's ``parameters`` cell."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            out = {}
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    out[node.targets[0].id] = ast.literal_eval(node.value)
+            return out
+    raise ValueError(f"{path.name} has no cell tagged 'parameters'; papermill cannot inject values into it")
+
+
+def _coerce(value: str, default):
+    """A command-line string converted to the type of the notebook's default."""
+    if isinstance(default, bool):
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{value!r} is not a boolean (use true/false)")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+def resolve_parameters(preset: str, overrides: dict[str, str] | None = None,
+                       stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
+    """Per notebook, the parameters papermill will inject. Refuses unknown names."""
+    from latentlib.presets import get_preset
+
+    get_preset(preset)  # an unknown preset fails here, with the list of known ones
+    path = PARAMS / f"{preset}.yaml"
+    spec = yaml.safe_load(path.read_text()) if path.exists() else {}
+    spec = spec or {}
+    per_nb = spec.pop("notebooks", {}) or {}
+    declared = {s: notebook_parameters(NOTEBOOKS / f"{s}.ipynb") for s in stages if (NOTEBOOKS / f"{s}.ipynb").exists()}
+    known = set().union(*declared.values()) if declared else set()
+
+    def refuse(name, where, candidates):
+        close = difflib.get_close_matches(name, candidates, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownParameterError(
+            f"unknown parameter {name!r} ({where}): no notebook of the pipeline declares it.{hint} "
+            f"Known parameters: {', '.join(sorted(candidates))}"
+        )
+
+    for name in spec:
+        if name not in known:
+            refuse(name, f"params/{preset}.yaml", known)
+    for nb, values in per_nb.items():
+        if nb not in STAGES:
+            raise UnknownParameterError(f"params/{preset}.yaml names notebook {nb!r}; notebooks are {', '.join(STAGES)}")
+        for name in values or {}:
+            if nb in declared and name not in declared[nb]:
+                refuse(name, f"params/{preset}.yaml, notebook {nb}", declared[nb])
+    overrides = overrides or {}
+    if "model" in overrides and overrides["model"] != preset:
+        raise UnknownParameterError(f"-p model {overrides['model']} conflicts with the preset {preset!r}: the preset "
+                                    "names the model; run the pipeline with that preset instead")
+    for name in overrides:
+        if name not in known:
+            refuse(name, "command line", known)
+    out = {}
+    for nb, params in declared.items():
+        values = {"model": preset}
+        values.update({k: v for k, v in spec.items() if k in params})
+        values.update({k: v for k, v in (per_nb.get(nb) or {}).items()})
+        values.update({k: _coerce(v, params[k]) for k, v in overrides.items() if k in params})
+        out[nb] = {k: v for k, v in values.items() if k in params}
+    return out
+
+
+def _render_html(executed: Path) -> Path:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_filename(str(executed))
+    out = executed.with_suffix(".html")
+    out.write_text(body)
+    return out
+
+
+def _write_index(report: Path, run: str, preset: str, results: list[dict]) -> Path:
+    import pandas as pd
+
+    tables = report / "tables"
+    main = next((tables / f"{n}.csv" for n in ("main", "base") if (tables / f"{n}.csv").exists()), None)
+    parts = [f"<h1>latentlib report: run <code>{html.escape(run)}</code> (preset <code>{html.escape(preset)}</code>)</h1>"]
+    if main is not None:
+        parts.append(f"<h2>Results ({main.stem})</h2>" + pd.read_csv(main).to_html(index=False, border=0))
+    rows = "".join(
+        f"<tr><td>{r['stage']}</td><td>{r['status']}</td><td>{r.get('seconds', 0):.0f}</td>"
+        + (f"<td><a href='{r['stage']}.html'>report</a></td>" if r["status"] == "ok" else "<td></td>") + "</tr>"
+        for r in results)
+    parts.append("<h2>Stages</h2><table><tr><th>notebook</th><th>status</th><th>seconds</th><th></th></tr>"
+                 + rows + "</table>")
+    other = sorted(p for p in tables.glob("*.csv") if p != main)
+    if other:
+        parts.append("<h2>Tables</h2><ul>" + "".join(f"<li><a href='tables/{p.name}'>{p.stem}</a></li>" for p in other)
+                     + "</ul>")
+    figs = sorted((report / "figures").glob("*.png"))
+    if figs:
+        parts.append("<h2>Figures</h2>" + "".join(
+            f"<figure><img src='figures/{p.name}' style='max-width:640px'><figcaption>{p.stem}</figcaption></figure>"
+            for p in figs))
+    style = ("<style>body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
+             "th{background:#f4f4f4}</style>")
+    index = report / "index.html"
+    index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>latentlib {run}</title>{style}</head>"
+                     f"<body>{''.join(parts)}</body></html>")
+    return index
+
+
+def run_pipeline(preset: str, *, run: str | None = None, overrides: dict[str, str] | None = None,
+                 only: tuple[str, ...] | None = None, kernel: str = "python3") -> list[dict]:
+    """Executes the pipeline's notebooks in order; returns one status row per stage."""
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    from latentlib.notebook import reports_dir
+
+    stages = tuple(only) if only else STAGES
+    for s in stages:
+        if s not in STAGES:
+            raise ValueError(f"unknown stage {s!r}: stages are {', '.join(STAGES)}")
+    run = run or preset
+    overrides = dict(overrides or {})
+    overrides["run"] = run
+    params = resolve_parameters(preset, overrides, stages)
+    report = reports_dir(run)
+    results = []
+    t_all = time.perf_counter()
+    bar = tqdm(stages, desc=f"pipeline {run}", unit="notebook", dynamic_ncols=True)
+    for stage in bar:
+        src = NOTEBOOKS / f"{stage}.ipynb"
+        if not src.exists():
+            print(f"[pipeline] {stage}: not there yet (no notebooks/{stage}.ipynb); skipped", flush=True)
+            results.append({"stage": stage, "status": "not there yet"})
+            continue
+        bar.set_postfix_str(stage)
+        out = report / f"{stage}.ipynb"
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(str(src), str(out), parameters=params[stage], cwd=str(NOTEBOOKS),
+                                kernel_name=kernel, progress_bar=True, report_mode=False)
+        except pm.PapermillExecutionError as e:
+            results.append({"stage": stage, "status": "failed", "seconds": time.perf_counter() - t0})
+            _render_html(out)
+            _write_index(report, run, preset, results)
+            raise RuntimeError(f"{stage} failed: {e.ename}: {e.evalue}; the executed notebook is {out} "
+                               f"(HTML beside it)") from None
+        results.append({"stage": stage, "status": "ok", "seconds": time.perf_counter() - t0})
+        _render_html(out)
+        print(f"[pipeline] {stage}: ok in {results[-1]['seconds']:.0f} s", flush=True)
+    total = time.perf_counter() - t_all
+    index = _write_index(report, run, preset, results)
+    (report / "pipeline.json").write_text(json.dumps({"preset": preset, "run": run, "total_seconds": total,
+                                                      "stages": results, "parameters": params}, indent=1))
+    missing = [r["stage"] for r in results if r["status"] != "ok"]
+    print(f"[pipeline] done in {total:.0f} s; report: {index}" +
+          (f"; not there yet: {', '.join(missing)}" if missing else ""), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m latentlib.pipeline", description=__doc__.split("\n\n")[0])
+    ap.add_argument("preset", help="model preset (params/<preset>.yaml)")
+    ap.add_argument("--run", default=None, help="run name (default: the preset name)")
+    ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="override one notebook parameter")
+    ap.add_argument("--only", default=None, help="comma-separated stages to run (default: all)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    try:
+        run_pipeline(args.preset, run=args.run, overrides=dict(args.parameter),
+                     only=tuple(args.only.split(",")) if args.only else None)
+    except (UnknownParameterError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The pipeline refuses what it cannot run before running anything."""
+
+import pytest
+
+from latentlib.pipeline import STAGES, UnknownParameterError, main, notebook_parameters, resolve_parameters
+from latentlib.presets import UnknownPresetError
+
+
+def test_every_existing_notebook_has_a_parameters_cell_with_model_and_run():
+    from latentlib.pipeline import NOTEBOOKS
+
+    found = [s for s in STAGES if (NOTEBOOKS / f"{s}.ipynb").exists()]
+    assert found, "no notebook found"
+    for s in found:
+        params = notebook_parameters(NOTEBOOKS / f"{s}.ipynb")
+        assert params["model"] == "tiny" and params["run"] == "" and "seed" in params
+
+
+def test_a_misspelt_parameter_is_refused_with_a_suggestion():
+    with pytest.raises(UnknownParameterError, match=r"'modle'.*Did you mean 'model'"):
+        resolve_parameters("tiny", {"modle": "tiny"})
+    with pytest.raises(UnknownParameterError, match="base_step"):
+        resolve_parameters("tiny", {"base_step": "10"})
+
+
+def test_the_command_line_refuses_a_typo_before_running_anything(capsys):
+    assert main(["tiny", "-p", "modle", "tiny"]) == 2
+    assert "unknown parameter 'modle'" in capsys.readouterr().err
+
+
+def test_an_unknown_preset_is_refused():
+    with pytest.raises(UnknownPresetError, match="did you mean 'qwen3-8b'"):
+        resolve_parameters("qwen3-8", {})
+
+
+def test_parameters_are_typed_like_the_notebook_defaults():
+    params = resolve_parameters("tiny", {"base_steps": "7", "lr": "0.5"})
+    nb = params["00_teacher_extraction"]
+    assert nb["model"] == "tiny" and nb["base_steps"] == 7 and nb["lr"] == 0.5
