@@ -208,13 +208,16 @@ def save_tree(tree: Any, directory: Path, name: str) -> None:
     """Saves a nested structure (e.g. an optimizer state dict) as ``name.json`` + ``name.safetensors``."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(tree, tensors, name)
-    save_state_dict(tensors, Path(directory) / f"{name}.safetensors")
+    if tensors:  # safetensors cannot read back a file with no tensors in it
+        save_state_dict(tensors, Path(directory) / f"{name}.safetensors")
     (Path(directory) / f"{name}.json").write_text(json.dumps(skeleton))
 
 
 def load_tree(directory: Path, name: str) -> Any:
-    tensors = load_state_dict_file(Path(directory) / f"{name}.safetensors")
-    return _decode(load_json(Path(directory) / f"{name}.json"), tensors)
+    skeleton = load_json(Path(directory) / f"{name}.json")
+    has_tensors = '"__tensor__"' in json.dumps(skeleton) or '"__ndarray__"' in json.dumps(skeleton)
+    tensors = load_state_dict_file(Path(directory) / f"{name}.safetensors") if has_tensors else {}
+    return _decode(skeleton, tensors)
 
 
 def rng_state() -> dict:

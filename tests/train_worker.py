@@ -1,0 +1,39 @@
+"""A small training run for the crash-and-resume test, run as its own process.
+
+    python tests/train_worker.py RUN_DIR OUT_FILE
+
+Prints ``step N`` after every optimizer step; resumes from RUN_DIR's checkpoint if one is
+complete; writes the final weights to OUT_FILE (safetensors).
+"""
+
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+from latentlib.artifacts import save_state_dict  # noqa: E402
+from latentlib.batching import collate, encode_record  # noqa: E402
+from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from latentlib.tasks import ChainConfig, chain_vocabulary, make_chain_splits  # noqa: E402
+from latentlib.training.base import cot_segments, lm_loss  # noqa: E402
+from latentlib.training.loop import TrainConfig, train  # noqa: E402
+
+STEPS = 24
+
+
+def main(run_dir: str, out_file: str) -> None:
+    cfg = ChainConfig(n_train=256, n_valid=0, n_test=0, seed=3)
+    splits = make_chain_splits(cfg)
+    tok = build_tiny_tokenizer(chain_vocabulary(cfg))
+    model = build_tiny_model(len(tok), Preset("t", "scratch", hidden_size=32, num_layers=2, num_heads=2,
+                                              num_kv_heads=1, intermediate_size=64), seed=1)
+    examples = [cot_segments(encode_record(tok, r, " ")) for r in splits.train]
+    tc = TrainConfig(steps=STEPS, batch_size=16, lr=3e-3, warmup_steps=4, checkpoint_every=3, log_every=1, seed=5)
+    train(model, examples, lambda b: collate(b, tok.pad_token_id), lm_loss, tc, checkpoint_dir=run_dir,
+          progress=False, on_log=lambda row: print(f"step {row['step']}", flush=True))
+    save_state_dict(model.state_dict(), out_file)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
