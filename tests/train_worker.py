@@ -2,10 +2,11 @@
 
     python tests/train_worker.py RUN_DIR OUT_FILE
 
-Prints ``step N`` after every optimizer step; resumes from RUN_DIR's checkpoint if one is
+Prints ``step N loss L`` after every optimizer step; resumes from RUN_DIR's checkpoint if one is
 complete; writes the final weights to OUT_FILE (safetensors).
 """
 
+import os
 import sys
 
 import torch
@@ -23,6 +24,7 @@ STEPS = 24
 
 
 def main(run_dir: str, out_file: str) -> None:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     cfg = ChainConfig(n_train=256, n_valid=0, n_test=0, seed=3)
     splits = make_chain_splits(cfg)
     tok = build_tiny_tokenizer(chain_vocabulary(cfg))
@@ -31,8 +33,9 @@ def main(run_dir: str, out_file: str) -> None:
     examples = [cot_segments(encode_record(tok, r, " ")) for r in splits.train]
     tc = TrainConfig(steps=STEPS, batch_size=16, lr=3e-3, warmup_steps=4, checkpoint_every=3, log_every=1, seed=5)
     train(model, examples, lambda b: collate(b, tok.pad_token_id), lm_loss, tc, checkpoint_dir=run_dir,
-          progress=False, on_log=lambda row: print(f"step {row['step']}", flush=True))
-    save_state_dict(model.state_dict(), out_file)
+          progress=False, on_log=lambda row: rank0 and print(f"step {row['step']} loss {row['loss']:.8f}", flush=True))
+    if rank0:
+        save_state_dict(model.state_dict(), out_file)
 
 
 if __name__ == "__main__":

@@ -134,13 +134,15 @@ def train(model: nn.Module, examples: Sequence, make_batch: Callable[[list], dic
           loss_fn: Callable[[nn.Module, dict], tuple[torch.Tensor, dict]], cfg: TrainConfig, *,
           checkpoint_dir: Path | None = None, extra_modules: dict[str, nn.Module] | None = None,
           desc: str = "train", progress: bool = True, on_log: Callable[[dict], None] | None = None,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """Trains ``model`` (and ``extra_modules``, e.g. a projection head) on ``examples``.
 
     ``make_batch(list_of_examples) -> batch``; ``loss_fn(model, batch) -> (loss, metrics)``.
     With ``checkpoint_dir`` an existing complete checkpoint is resumed from, exactly
     (weights, optimizer, scheduler, RNG, data position). ``stop_after`` ends the call
-    after that many total steps (used to simulate interruptions in tests).
+    after that many total steps (used to simulate interruptions in tests). ``optimizer``:
+    an optimizer over the trainable parameters to continue with (its moments carry over,
+    e.g. a curriculum without optimizer reset); default a fresh AdamW.
     """
     from accelerate import Accelerator
 
@@ -156,7 +158,7 @@ def train(model: nn.Module, examples: Sequence, make_batch: Callable[[list], dic
     params = _trainable(list(modules.values()))
     if not params:
         raise ValueError("nothing to train: no parameter has requires_grad=True")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
     meta = {"train_config": asdict(cfg), "desc": desc}
 
@@ -196,7 +198,10 @@ def train(model: nn.Module, examples: Sequence, make_batch: Callable[[list], dic
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         sched.step()
-        for k, v in {"loss": loss.item(), **metrics}.items():
+        loss_value = loss.detach().clone()
+        if world > 1:  # log the global batch's loss, not this process's share
+            torch.distributed.all_reduce(loss_value, op=torch.distributed.ReduceOp.AVG)
+        for k, v in {"loss": loss_value.item(), **metrics}.items():
             running[k] = running.get(k, 0.0) + float(v)
         bar.update(1)
         done = step + 1
