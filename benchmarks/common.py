@@ -1,0 +1,49 @@
+"""Timing helpers shared by the benchmarks: interleaved repeats, thread count, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def set_threads(n: int | None = None) -> int:
+    """Fixes torch's intra-op threads (default: $BENCH_THREADS or 2) and returns the number."""
+    n = int(n or os.environ.get("BENCH_THREADS", 2))
+    torch.set_num_threads(n)
+    return n
+
+
+def interleaved(fns: dict[str, callable], repeats: int = 5, warmup: int = 1) -> dict[str, dict]:
+    """Times each function ``repeats`` times, interleaving them (A B A B ...) so that load
+    from other processes hits all of them alike. Returns min and median seconds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: {"min_s": min(v), "median_s": statistics.median(v), "runs": len(v)} for k, v in times.items()}
+
+
+def machine() -> dict:
+    return {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "machine": machine(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
+    path.write_text(json.dumps(payload, indent=1))
+    return path
