@@ -93,13 +93,16 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
                    latent_mask: torch.Tensor, *, injector: Injector | None = None,
                    position_ids: torch.Tensor | None = None, latent_positions: str = "continue",
                    inputs_embeds: torch.Tensor | None = None, tbptt: int | None = None,
-                   capture_layers: tuple[int, ...] = ()) -> LatentOutput:
+                   checkpoint: bool = False, capture_layers: tuple[int, ...] = ()) -> LatentOutput:
     """Training/scoring forward where ``latent_mask`` positions take injected vectors.
 
     ``input_ids`` holds any placeholder id at latent positions (it is not read there).
     ``inputs_embeds`` (optional, ``(B, T, D)``) overrides the token embeddings, e.g. for
     random prefixes. ``capture_layers`` returns those layers' hidden states for every
-    position. With no latent position this is exactly one plain forward.
+    position. ``checkpoint=True`` recomputes each chunk's activations in the backward
+    instead of storing them (activation checkpointing at chunk granularity: transformers'
+    own gradient checkpointing drops the KV cache, which the recurrence needs). With no
+    latent position this is exactly one plain forward.
     """
     injector = injector if injector is not None else HiddenLayer(-1)
     latent_mask = latent_mask.bool()
@@ -132,20 +135,49 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             first = torch.where(rows[:, None], thought, chunk[:, 0])
             chunk = torch.cat([first[:, None], chunk[:, 1:]], dim=1)
             thought_col = thought[:, None]
-        out = model(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
-                    position_ids=position_ids[:, start:end], past_key_values=cache,
-                    use_cache=True, output_hidden_states=True)
-        cache = out.past_key_values
-        logits.append(out.logits)
-        hidden.append(out.hidden_states[-1])
+        if checkpoint and torch.is_grad_enabled():
+            chunk_logits, states, cache = _checkpointed_chunk(model, chunk, attention_mask[:, :end],
+                                                              position_ids[:, start:end], cache)
+        else:
+            out = model(inputs_embeds=chunk, attention_mask=attention_mask[:, :end],
+                        position_ids=position_ids[:, start:end], past_key_values=cache,
+                        use_cache=True, output_hidden_states=True)
+            chunk_logits, states, cache = out.logits, out.hidden_states, out.past_key_values
+        logits.append(chunk_logits)
+        hidden.append(states[-1])
         thoughts.append(torch.cat([thought_col, torch.zeros_like(chunk[:, 1:])], dim=1))
         for k in capture_layers:
-            layers[k].append(out.hidden_states[k])
-        prev_states = tuple(h[:, -1] for h in out.hidden_states)
+            layers[k].append(states[k])
+        prev_states = tuple(h[:, -1] for h in states)
     return LatentOutput(
         logits=torch.cat(logits, 1), hidden=torch.cat(hidden, 1), thoughts=torch.cat(thoughts, 1),
         layers={k: torch.cat(v, 1) for k, v in layers.items()},
     )
+
+
+def _checkpointed_chunk(model, chunk, mask, pos, cache):
+    """One chunk under ``torch.utils.checkpoint``. The cache goes in and out as plain K/V
+    tensors and is rebuilt inside, so the backward's replay cannot append to it twice."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers import DynamicCache
+
+    past = tuple((k, v) for k, v, *_ in cache) if cache is not None else ()
+
+    def run(chunk, *flat):
+        pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        c = DynamicCache(ddp_cache_data=pairs) if pairs else DynamicCache()
+        out = model(inputs_embeds=chunk, attention_mask=mask, position_ids=pos, past_key_values=c,
+                    use_cache=True, output_hidden_states=True)
+        kv = tuple(t for k, v, *_ in out.past_key_values for t in (k, v))
+        return (out.logits, *out.hidden_states, *kv)
+
+    flat = tuple(t for kv in past for t in kv)
+    res = checkpoint(run, chunk, *flat, use_reentrant=False)
+    n_states = len(res) - 1 - 2 * model.config.num_hidden_layers
+    states = res[1:1 + n_states]
+    kv = res[1 + n_states:]
+    new_cache = DynamicCache(ddp_cache_data=[(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)])
+    return res[0], states, new_cache
 
 
 # ---------------------------------------------------------------------------- generation

@@ -230,3 +230,20 @@ def test_bad_inputs_are_refused_with_the_fix(lm):
         latent_forward(model, input_ids, mask, latent, tbptt=0)
     with pytest.raises(ValueError, match="neither a token id"):
         ScriptedPolicy([LATENT, -3])
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(lm):
+    model, tok, ids = lm
+    input_ids, mask, latent = batch_with_thoughts(tok, ids, n_thoughts=(3, 2, 3))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        out = latent_forward(model, input_ids, mask, latent, checkpoint=ckpt)
+        loss = out.logits[:, -3:].logsumexp(-1).mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad()
+    torch.testing.assert_close(grads[0][0], grads[1][0], **tol(model))
+    assert len(grads[0][1]) == len(grads[1][1]) > 0
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
