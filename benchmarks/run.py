@@ -1,0 +1,70 @@
+"""Runs every benchmark and writes ``benchmarks/results/*.json`` and ``summary.md``.
+
+    python -m benchmarks.run              # what `make bench` runs
+    BENCH_THREADS=1 python -m benchmarks.run
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from benchmarks import coconut_reference, engine, training
+from benchmarks.common import RESULTS, machine, set_threads
+
+
+def _ok(value, target, higher_is_better=True):
+    good = value >= target if higher_is_better else value <= target
+    return f"{value:.2f} ({'meets' if good else 'misses'} {'>=' if higher_is_better else '<='} {target})"
+
+
+def summary() -> str:
+    lines = [f"# Benchmarks\n\nWritten {time.strftime('%Y-%m-%d %H:%M')}; machine: {json.dumps(machine())}.\n"]
+    p = RESULTS / "engine_decode.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        lines.append("## Engine vs `model.generate` (throughput ratios; K=6 thoughts + T text tokens)\n")
+        lines.append("| model | batch | generate tok/s | latent K+T | mixed-mode |\n|---|---|---|---|---|")
+        for r in d["rows"]:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['generate_tok_per_s']:.0f} | "
+                         f"{_ok(r['latent_ratio'], 0.9)} | {_ok(r['mixed_ratio'], 0.85)} |")
+    p = RESULTS / "engine_scaling.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        lines.append("\n## Training step time as the number of thoughts K grows (batch 8)\n")
+        lines.append("| model | K | ms/step |\n|---|---|---|")
+        lines += [f"| {r['model']} | {r['K']} | {r['step_s'] * 1000:.1f} |" for r in d["rows"]]
+    p = RESULTS / "coconut_reference.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        e = d["evaluation"]
+        lines.append("\n## Against the published Coconut algorithms\n")
+        lines.append(f"- (a) evaluation of {e['problems']} problems with {e['thoughts']} thoughts: reference "
+                     f"{e['reference_s']:.1f} s, engine {e['engine_s']:.2f} s, speed-up {_ok(e['speedup'], 20)}; "
+                     f"identical answers {e['identical_answers']}/{e['problems']}")
+        for t in d["training"]:
+            lines.append(f"- (b) training step, batch {t['batch']}: |loss diff| {t['loss_abs_diff']:.1e} (<= 1e-5); "
+                         f"engine time / reference time {_ok(t['engine_over_reference'], 1.0, False)}")
+    p = RESULTS / "coconut_training_cost.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        lines.append(f"\n## Coconut last stage vs CoT step (batch {d['batch']}, c={d['c']})\n")
+        lines.append("| variant | ms/step | time vs CoT | saved for backward (MB) | memory vs CoT |\n|---|---|---|---|---|")
+        for r in d["rows"]:
+            lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {_ok(r['time_vs_cot'], 1.3, False)} | "
+                         f"{r['saved_mb']:.1f} | {_ok(r['memory_vs_cot'], 1.5, False)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    threads = set_threads()
+    print(f"benchmarks with {threads} torch threads")
+    engine.main([])
+    coconut_reference.main([])
+    training.main([])
+    (RESULTS / "summary.md").write_text(summary())
+    print(f"wrote {RESULTS / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()
