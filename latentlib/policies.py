@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TextPolicy", "ScriptedPolicy", "SwitchPolicy", "LATENT", "FREE"]
+__all__ = ["TextPolicy", "ScriptedPolicy", "SwitchPolicy", "latent_script", "LATENT", "FREE"]
 
 LATENT = -1  # script entry: take a latent step
 FREE = -2  # script entry: decode freely (the sampled token)
@@ -70,6 +70,13 @@ class ScriptedPolicy:
         latent = entry == LATENT
         token = torch.where(entry >= 0, entry, sampled)
         return latent, token
+
+
+def latent_script(n_latent: int, before: tuple[int, ...] = (), after: tuple[int, ...] = ()) -> list[int]:
+    """``before`` tokens, ``n_latent`` latent steps, ``after`` tokens: a fixed-K script."""
+    if not isinstance(n_latent, int) or n_latent < 0:
+        raise ValueError(f"{n_latent!r} latent steps: the number of thoughts must be a whole number >= 0")
+    return [*before, *([LATENT] * n_latent), *after]
 
 
 @dataclass
