@@ -24,7 +24,7 @@ from latentlib.policies import TextPolicy
 from latentlib.recurrence import generate
 from latentlib.tasks import extract_flexible, extract_strict, grade
 
-__all__ = ["EvalSpec", "evaluate", "summarize"]
+__all__ = ["EvalSpec", "evaluate", "summarize", "checked_view"]
 
 
 @dataclass
@@ -39,6 +39,7 @@ class EvalSpec:
     inputs_embeds: Callable = None  # (input_ids, attention_mask, records) -> embeddings, for prefix methods
     max_new_tokens: int = 32  # generation budget (latent steps included)
     grade_mode: str = "strict"  # "strict", "flexible" or "math"
+    neutral_token_ids: tuple = ()  # generated text tokens that do not advance the position counter (see generate)
 
 
 @torch.no_grad()
@@ -65,7 +66,7 @@ def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, *, batch_size:
         trace = generate(model, input_ids, mask, policy=policy, max_new_tokens=spec.max_new_tokens,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          injector=spec.injector, latent_token_id=latent_id, inputs_embeds=embeds,
-                         latent_positions=spec.latent_positions)
+                         latent_positions=spec.latent_positions, neutral_token_ids=spec.neutral_token_ids)
         seconds = (time.perf_counter() - t0) / len(chunk)
         for b, r in enumerate(chunk):
             ids = trace.text_ids(b)
@@ -97,3 +98,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         "ms_per_problem": (g["seconds"].mean() * 1000).round(2),
         "n": g.size(),
     }).reset_index()
+
+
+def checked_view(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """The table without wall-time columns and rounded: what nbval compares between runs."""
+    keep = [c for c in table.columns if not c.startswith(("ms_", "seconds", "time"))]
+    return table[keep].round(digits)

@@ -8,7 +8,12 @@ from latentlib.pipeline import NOTEBOOKS, STAGES
 # Per notebook, the parameters of a smoke run (seconds, not minutes). Every notebook must
 # have an entry: a notebook without one fails here rather than going untested.
 SMOKE = {
-    "00_teacher_extraction": {"base_steps": 30, "n_train": 2000, "n_test": 50},
+    "00_teacher_extraction": {"base_steps": 30, "n_train": 2000, "n_test": 50, "teacher_problems": 40,
+                              "teacher_rollouts": 4, "teacher_speed_problems": 1},
+    "01_sft": {"n_train": 2000, "n_test": 50, "teacher_problems": 40, "qthink_steps": 3, "qthink_batch_size": 4,
+               "switch_sft_steps": 3, "switch_batch_size": 8},
+    "03_grpo": {"n_train": 2000, "n_test": 50, "max_steps": 2, "num_generations": 2, "prompts_per_step": 2,
+                "logging_steps": 1},
 }
 PRESENT = [s for s in STAGES if (NOTEBOOKS / f"{s}.ipynb").exists()]
 
@@ -45,3 +50,23 @@ def test_notebook_runs_headless(stage, smoke_run):
     tmp, status = smoke_run
     assert status[stage] == "ok", status[stage]
     assert (tmp / f"{stage}.ipynb").exists()
+
+
+def test_nbval_reruns_give_the_same_checked_outputs(smoke_run, tmp_path):
+    """nbval re-executes the smoke-run notebooks in a fresh run directory and compares the
+    cells tagged ``nbval-check-output`` (configuration, key metrics) with the first run's,
+    after sanitising times, paths and addresses: same seed, same numbers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmp, status = smoke_run
+    done = [tmp / f"{s}.ipynb" for s in PRESENT if status.get(s) == "ok"]
+    assert done, "no notebook ran"
+    sanitize = Path(__file__).with_name("nbval_sanitize.cfg")
+    env = {**os.environ, "LATENTLIB_RUNS": str(tmp_path / "runs"), "LATENTLIB_REPORTS": str(tmp_path / "reports")}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", os.devnull, "--rootdir", str(tmp),
+                          "-p", "no:cacheprovider", "--nbval-lax", "--nbval-sanitize-with", str(sanitize),
+                          *map(str, done)], capture_output=True, text=True, env=env, timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:]
