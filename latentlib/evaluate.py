@@ -24,7 +24,7 @@ from latentlib.policies import TextPolicy
 from latentlib.recurrence import generate
 from latentlib.tasks import extract_flexible, extract_strict, grade
 
-__all__ = ["EvalSpec", "evaluate", "summarize", "checked_view"]
+__all__ = ["EvalSpec", "evaluate", "summarize", "checked_view", "record_evaluation", "collect_evaluations"]
 
 
 @dataclass
@@ -104,3 +104,30 @@ def checked_view(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     """The table without wall-time columns and rounded: what nbval compares between runs."""
     keep = [c for c in table.columns if not c.startswith(("ms_", "seconds", "time"))]
     return table[keep].round(digits)
+
+
+def record_evaluation(run: str, df: pd.DataFrame, *, stage: str) -> None:
+    """Keeps a method's per-problem rows for the run's side-by-side table (notebook 04).
+
+    One CSV per method under ``runs/<run>/eval/``, written atomically; re-running a stage
+    replaces its methods' rows.
+    """
+    from latentlib import artifacts
+
+    out = artifacts.stage_dir(run, "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    for method, rows in df.groupby("method", sort=False):
+        path = out / f"{method}.csv"
+        tmp = path.with_name(f".{path.name}.tmp")
+        rows.assign(stage=stage).to_csv(tmp, index=False)
+        tmp.replace(path)
+
+
+def collect_evaluations(run: str) -> pd.DataFrame:
+    """Every method's per-problem rows recorded for the run (empty if none)."""
+    from latentlib import artifacts
+
+    files = sorted(artifacts.stage_dir(run, "eval").glob("*.csv"))
+    if not files:
+        return pd.DataFrame()
+    return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)

@@ -12,6 +12,8 @@ SMOKE = {
                               "teacher_rollouts": 4, "teacher_speed_problems": 1},
     "01_sft": {"n_train": 2000, "n_test": 50, "teacher_problems": 40, "qthink_steps": 3, "qthink_batch_size": 4,
                "switch_sft_steps": 3, "switch_batch_size": 8},
+    "02_curriculum": {"n_train": 2000, "n_test": 50, "switch_steps_per_stage": 2, "switch_final_steps": 2,
+                      "switch_batch_size": 8},
     "03_grpo": {"n_train": 2000, "n_test": 50, "max_steps": 2, "num_generations": 2, "prompts_per_step": 2,
                 "logging_steps": 1},
 }
