@@ -256,14 +256,17 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              injector: Injector | None = None, latent_token_id: int | None = None,
              temperature: float = 0.0, top_p: float = 1.0, seeds: list[int] | None = None,
              inputs_embeds: torch.Tensor | None = None, latent_positions: str = "continue",
-             capture_layers: tuple[int, ...] = ()) -> Trace:
+             capture_layers: tuple[int, ...] = (), neutral_token_ids: tuple[int, ...] = ()) -> Trace:
     """Batched generation in which each sequence independently decodes or thinks.
 
     ``input_ids``/``attention_mask``: the left-padded prompts ``(B, T)``. ``policy``: an
     object with ``start(batch_size, device)`` and ``step(state, sampled) -> (latent, token)``
     (see :mod:`latentlib.policies`). ``seeds``: one per sequence for sampling (default:
     the global RNG). Stops when every sequence has emitted eos or after ``max_new_tokens``
-    positions (latent steps count toward it).
+    positions (latent steps count toward it). ``neutral_token_ids``: text tokens that do
+    not advance the position counter (each shares the position of the token after it, as
+    thoughts do with ``latent_positions="skip"``); re-score such a trace with
+    ``position_ids_for(mask, skipped, "skip")``.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -297,7 +300,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     rec_tok, rec_lat, rec_valid, rec_ent, rec_lp, rec_th = [], [], [], [], [], []
     rec_hidden: dict[int, list[torch.Tensor]] = {k: [] for k in capture_layers}
 
-    def advance(step_in, latent):
+    neutral = torch.tensor(list(neutral_token_ids), dtype=torch.long, device=device)
+
+    def advance(step_in, latent, token):
         nonlocal mask, cache, logits, states, next_pos
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(inputs_embeds=step_in[:, None], attention_mask=mask, position_ids=next_pos[:, None],
@@ -307,13 +312,16 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         states = tuple(h[:, -1] for h in out.hidden_states)
         for k in capture_layers:
             rec_hidden[k].append(states[k])
-        # "skip" positions: a thought does not advance the counter for what follows it.
-        next_pos = next_pos + 1 if latent_positions == "continue" else next_pos + (~latent).long()
+        # "skip" positions: a thought (or a neutral token) does not advance the counter for what follows it.
+        skip = latent if latent_positions == "skip" else torch.zeros_like(latent)
+        if len(neutral):
+            skip = skip | (~latent & torch.isin(token, neutral))
+        next_pos = next_pos + (~skip).long()
 
-    step_in = latent = None
+    step_in = latent = token = None
     for step in range(max_new_tokens):
         if step > 0:
-            advance(step_in, latent)
+            advance(step_in, latent, token)
         sampled = sample_tokens(logits, temperature, top_p, generators)
         latent, token = policy.step(state, sampled)  # (B,) bool, (B,) long
         latent = latent & ~finished
@@ -338,7 +346,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         if finished.all():
             break
     if capture_layers and step_in is not None:
-        advance(step_in, latent)  # the hidden state after the last input, only when asked for
+        advance(step_in, latent, token)  # the hidden state after the last input, only when asked for
 
     def stack(xs, dtype=None, shape=(B, 0)):
         return torch.stack(xs, 1) if xs else torch.zeros(shape, dtype=dtype, device=device)
