@@ -242,8 +242,8 @@ def _fingerprint(records, cfg: TeacherConfig, model_info: str) -> str:
 
 
 def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, special):
-    """Generates the rollouts ``pairs`` = [(problem, g), ...] in one call; per rollout its
-    table row and its states ``(P, L, D)``."""
+    """Generates the rollouts ``pairs`` = [(problem, g), ...] in one call: their table rows
+    and their states ``(len(pairs), P, L, D)``."""
     input_ids, mask = prompt_batch([prompts[i] for i, _ in pairs], tokenizer.pad_token_id)
     dev = next(model.parameters()).device
     trace = generate(model, input_ids.to(dev), mask.to(dev), policy=TextPolicy(),
@@ -273,7 +273,7 @@ def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, s
         pos = torch.tensor(slots)
         st = torch.stack([trace.hidden[layer][b, pos.clamp_min(0)] for layer in layers], 1)  # (P, L, D)
         st = st * (pos >= 0)[:, None, None]
-        states.append(st.float())
+        states.append(st)
         rows.append({
             "problem": i, "rollout": g, "seed": rollout_seed(cfg.seed, i, g), "text": text, "correct": correct,
             "parsed": parsed, "n_steps": len(step_ends), "length": length,
@@ -282,17 +282,19 @@ def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, s
             "logprob": logprob.tolist(), "positions": slots,
         })
     assert len(states) == len(pairs) and all(s.shape[0] == P for s in states)
-    return rows, states
+    return rows, torch.stack(states).float()
 
 
 def _finish_shard(rows, states, problems, cfg, layers) -> tuple[dict, pd.DataFrame, dict]:
-    """Per-problem weights and teacher states from one shard's rollouts."""
+    """Per-problem weights and teacher states from one shard's rollouts: ``rows`` and
+    ``states`` ``(n*G, P, L, D)`` in problem-major order (rollout g of problem i at i*G + g)."""
     G = cfg.num_generations
     n = len(problems)
-    frame = pd.DataFrame(rows).sort_values(["problem", "rollout"], kind="stable").reset_index(drop=True)
-    order = {(r["problem"], r["rollout"]): k for k, r in enumerate(rows)}
-    stacked = torch.stack([states[order[(i, g)]] for i in problems for g in range(G)])  # (n*G, P, L, D)
-    stacked = stacked.view(n, G, *stacked.shape[1:])  # (n, G, P, L, D)
+    frame = pd.DataFrame(rows)
+    expected = [(i, g) for i in problems for g in range(G)]
+    if list(zip(frame["problem"], frame["rollout"])) != expected:
+        raise ValueError("rollouts are not in problem-major order")
+    stacked = states.view(n, G, *states.shape[1:])  # (n, G, P, L, D)
     correct = torch.tensor(frame["correct"].to_numpy(bool)).view(n, G)
     eligible = correct & torch.tensor(frame["parsed"].to_numpy(bool)).view(n, G)
     rewards = rollout_rewards(eligible, torch.tensor(frame["mean_logprob"].to_numpy(np.float32)).view(n, G))
@@ -339,6 +341,7 @@ def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, *, 
     layers = normalize_layers(cfg.capture_layers, num_layers)
     prompt = prompt or (lambda r: encode_record(tokenizer, r, cfg.separator).question)
     special = set(tokenizer.all_special_ids)
+    hidden = model.get_input_embeddings().weight.shape[1]
     partial = final.with_name(f".{final.name}.partial")
     if partial.exists():
         info = partial / "fingerprint.json"
@@ -363,12 +366,14 @@ def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, *, 
             t0 = time.perf_counter()
             prompts = {i: list(prompt(records[i])) for i in problems}
             pairs = [(i, g) for i in problems for g in range(G)]
-            rows, states = [], []
+            rows = []
+            # one buffer for the shard: memory is bounded by shard_size, whatever the number of problems
+            states = torch.zeros(len(pairs), cfg.num_steps + 2, len(layers), hidden)  # (n*G, P, L, D)
             for c in range(0, len(pairs), cfg.generation_batch_size):
                 r, st = _rollouts_of_batch(model, tokenizer, records, pairs[c:c + cfg.generation_batch_size],
                                            prompts, cfg, layers, special)
                 rows += r
-                states += st
+                states[c:c + len(r)] = st
                 bar.update(len(r))
             tensors, frame, counts = _finish_shard(rows, states, problems, cfg, layers)
             counts["seconds"] = time.perf_counter() - t0

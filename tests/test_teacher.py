@@ -2,12 +2,10 @@
 
 import math
 
-import pandas as pd
 import pytest
 import torch
 
 from latentlib import artifacts, teacher
-from latentlib.presets import build_tiny_tokenizer
 from latentlib.tasks import Record
 from latentlib.teacher import (TeacherConfig, extract_teacher, load_rollouts, load_teacher, parse_layers,
                                parse_steps, rollout_rewards, step_slots, teacher_weights)
@@ -115,14 +113,15 @@ def test_shard_means_are_weighted_over_eligible_rollouts():
             rows.append({"problem": i, "rollout": g, "correct": bool(corr[g]), "parsed": bool(parsed[g]),
                          "mean_logprob": -0.1 * (g + 1), "positions": [0] * P})
             states.append(torch.full((P, 1, D), float(10 * i + g)))
-    tensors, frame, counts = teacher._finish_shard(rows, states, [0, 1, 2], cfg, [4])
+    tensors, frame, counts = teacher._finish_shard(rows, torch.stack(states), [0, 1, 2], cfg, [4])
     assert counts == {"rollouts": 9, "correct": 4, "parsed": 8, "without_teacher": 1}
     assert tensors["has_teacher"].tolist() == [True, True, False]
     # problem 0: rollouts 0 and 2 are eligible; problem 1: only rollout 1 (rollout 0 is correct but unparsed)
     assert tensors["uniform.layer4"][0, 0, 0].item() == pytest.approx(1.0)
     assert tensors["uniform.layer4"][1, 0, 0].item() == pytest.approx(11.0)
     w = torch.tensor([math.exp(-0.1), math.exp(-0.3)])
-    assert tensors["reward_weighted.layer4"][0, 0, 0].item() == pytest.approx((w @ torch.tensor([0., 2.])).item() / w.sum().item())
+    expected = (w @ torch.tensor([0.0, 2.0])).item() / w.sum().item()
+    assert tensors["reward_weighted.layer4"][0, 0, 0].item() == pytest.approx(expected)
     assert (tensors["uniform.layer4"][2] == 0).all() and (tensors["weights.uniform"][2] == 0).all()
     assert frame.groupby("problem")["weight_uniform"].sum().tolist() == pytest.approx([1, 1, 0])
 
@@ -230,3 +229,12 @@ def test_load_teacher_names_missing_layers_and_notebook(tiny, runs):
     extract_teacher(model, tok, RECORDS[:2], _cfg(capture_layers=(-1,)), run="r", progress=False)
     with pytest.raises(ValueError, match="capture_layers"):
         load_teacher("r", layers=[1])
+
+
+def test_throughput_is_measured_on_the_same_rollouts(tiny):
+    model, tok, _ = tiny
+    from latentlib.teacher import measure_throughput
+
+    table = measure_throughput(model, tok, RECORDS[:2], _cfg(), batch_sizes=(1, 8))
+    assert table.generation_batch_size.tolist() == [1, 8] and (table.rollouts == 8).all()
+    assert (table.rollouts_per_second > 0).all() and table.fraction_correct.nunique() == 1

@@ -235,7 +235,8 @@ def train_qthink(run: str, cfg: DistillConfig, records, model, tokenizer, *, nam
     """
     out = artifacts.artifact_dir(run, "qthink", name)
     config = json.loads(json.dumps(asdict(cfg)))
-    key = hashlib.sha256(json.dumps([config, teacher, base_info, len(records)], sort_keys=True).encode()).hexdigest()[:12]
+    fingerprint = json.dumps([config, teacher, base_info, len(records)], sort_keys=True)
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
     if artifacts.is_complete(out):
         info = artifacts.load_json(out / artifacts.COMPLETE)
         if info.get("key") == key:  # the same configuration: reuse; otherwise retrain and replace
