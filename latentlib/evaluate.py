@@ -11,6 +11,7 @@ special tokens (eos, padding and the methods' markers are not counted).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,7 +118,8 @@ def record_evaluation(run: str, df: pd.DataFrame, *, stage: str) -> None:
     out = artifacts.stage_dir(run, "eval")
     out.mkdir(parents=True, exist_ok=True)
     for method, rows in df.groupby("method", sort=False):
-        path = out / f"{method}.csv"
+        safe = re.sub(r"[^\w.+-]+", "_", str(method)).strip("_")  # method names may hold '/', spaces
+        path = out / f"{safe}.csv"
         tmp = path.with_name(f".{path.name}.tmp")
         rows.assign(stage=stage).to_csv(tmp, index=False)
         tmp.replace(path)

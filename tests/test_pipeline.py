@@ -37,3 +37,14 @@ def test_parameters_are_typed_like_the_notebook_defaults():
     params = resolve_parameters("tiny", {"base_steps": "7", "lr": "0.5"})
     nb = params["00_teacher_extraction"]
     assert nb["model"] == "tiny" and nb["base_steps"] == 7 and nb["lr"] == 0.5
+
+
+def test_recorded_evaluations_survive_method_names_with_slashes(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from latentlib.evaluate import collect_evaluations, record_evaluation
+
+    monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path))
+    record_evaluation("r", pd.DataFrame({"method": ["Coconut w/o curriculum", "cot"], "correct": [1, 0]}), stage="02")
+    got = collect_evaluations("r")
+    assert sorted(got.method) == ["Coconut w/o curriculum", "cot"] and set(got.stage) == {"02"}
