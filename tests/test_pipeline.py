@@ -45,6 +45,6 @@ def test_recorded_evaluations_survive_method_names_with_slashes(tmp_path, monkey
     from latentlib.evaluate import collect_evaluations, record_evaluation
 
     monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path))
-    record_evaluation("r", pd.DataFrame({"method": ["Coconut w/o curriculum", "cot"], "correct": [1, 0]}), stage="02")
+    record_evaluation("r", pd.DataFrame({"method": ["Coconut w/o curriculum", "cot"], "correct": [1, 0]}), stage="02_curriculum")
     got = collect_evaluations("r")
-    assert sorted(got.method) == ["Coconut w/o curriculum", "cot"] and set(got.stage) == {"02"}
+    assert sorted(got.method) == ["Coconut w/o curriculum", "cot"] and set(got.stage) == {"02_curriculum"}
