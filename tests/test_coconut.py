@@ -6,8 +6,9 @@ import torch
 from latentlib.batching import IGNORE, collate, encode_record
 from latentlib.evaluate import evaluate
 from latentlib.injection import make_injector
-from latentlib.methods.coconut import (CoconutConfig, SeqVCR, coconut_segments, eval_spec, make_loss, plan_for,
-                                       saved_tensor_bytes, stage_examples, thought_script, train_coconut)
+from latentlib.methods.coconut import (CoconutConfig, SeqVCR, coconut_segments, eval_spec, make_loss,
+                                       measure_step_memory, plan_for, saved_tensor_bytes, stage_examples,
+                                       thought_script, train_coconut)
 from latentlib.policies import FREE, LATENT
 from latentlib.recurrence import latent_forward
 from latentlib.tasks import make_chain_record
@@ -193,3 +194,13 @@ def test_seq_vcr_costs_little_memory_and_is_measured(tiny):
 def test_config_errors_name_the_value(bad, match):
     with pytest.raises(ValueError, match=match):
         CoconutConfig(**bad)
+
+
+def test_measure_step_memory_table(tiny):
+    model, tok, _ = tiny
+    table = measure_step_memory(model, tok, RECORDS, {"coconut": CoconutConfig(format="plain"),
+                                                      "coconut + SEQ-VCR": CoconutConfig(format="plain", vcr_var=1.0)},
+                                CUR, stage=3, batch_size=4, separator=" ")
+    assert list(table.config) == ["coconut", "coconut + SEQ-VCR"]
+    assert table.saved_for_backward_mb.iloc[1] > table.saved_for_backward_mb.iloc[0] > 0
+    assert "peak_rss_mb" not in table  # only with model_dir (a spawned process)

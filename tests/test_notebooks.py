@@ -55,6 +55,7 @@ def test_notebook_runs_headless(stage, smoke_run):
     assert (tmp / f"{stage}.ipynb").exists()
 
 
+@pytest.mark.slow
 def test_nbval_reruns_give_the_same_checked_outputs(smoke_run, tmp_path):
     """nbval re-executes the smoke-run notebooks in a fresh run directory and compares the
     cells tagged ``nbval-check-output`` (configuration, key metrics) with the first run's,
