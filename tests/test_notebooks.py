@@ -48,6 +48,7 @@ def smoke_run(tmp_path_factory):
     return tmp, status
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", PRESENT)
 def test_notebook_runs_headless(stage, smoke_run):
     tmp, status = smoke_run

@@ -373,3 +373,31 @@ def test_stay_term_pushes_exit_down_at_marked_slots(tiny):
     plain, _ = loss_fn(model, batch)
     total, metrics = loss_fn(model, sw.mark_stay_decisions(batch, 2))
     assert metrics["stay"] > 0 and total.item() == pytest.approx(plain.item() + metrics["stay"], rel=1e-5)
+
+
+def test_a_missing_real_base_fails_fast_with_the_offline_message(monkeypatch):
+    from latentlib.hub import WeightsUnavailableError
+    from latentlib.presets import get_preset
+    from latentlib.training import switch_stages
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-latentlib-test")
+    with pytest.raises(WeightsUnavailableError, match="hf download Qwen/Qwen3-8B") as info:
+        switch_stages.load_base("any", get_preset("qwen3-8b"))
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no library frames in the report
+
+
+def test_phase_inputs_are_found_by_run_name(tmp_path, monkeypatch):
+    from latentlib.artifacts import MissingArtifactError
+    from latentlib.presets import get_preset
+    from latentlib.training import grpo, switch_stages
+    from latentlib.tasks import Splits
+
+    monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path))
+    splits = Splits(train=_records(), valid=[], test=_records(2))
+    with pytest.raises(MissingArtifactError, match="02_curriculum.ipynb"):
+        switch_stages.run_phase3("r", get_preset("tiny"), splits, grpo.SwitchGRPOConfig())
+    with pytest.raises(MissingArtifactError, match="01_sft.ipynb"):
+        switch_stages.run_phase2("r", get_preset("tiny"), splits, sw.SwitchConfig(), None)
+    with pytest.raises(MissingArtifactError, match="00_teacher_extraction.ipynb"):
+        switch_stages.load_base("r", get_preset("tiny"))

@@ -65,7 +65,12 @@ def load_base(run: str, preset):
     if preset.source == "scratch":
         d = artifacts.require_artifact(run, "base", "cot", made_by="00_teacher_extraction.ipynb")
         return load_model_dir(d)
-    model, tokenizer = load_model(preset.name)
+    from latentlib.hub import WeightsUnavailableError
+
+    try:
+        model, tokenizer = load_model(preset.name)
+    except WeightsUnavailableError as e:  # the message says what to do; the library's frames do not
+        raise WeightsUnavailableError(str(e)) from None
     add_special_tokens(model, tokenizer)
     return model, tokenizer
 
