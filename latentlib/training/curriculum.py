@@ -126,13 +126,9 @@ class StageResult:
 
 
 def _adamw(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
-    seen, params = set(), []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from latentlib.training.loop import _trainable
+
+    return torch.optim.AdamW(_trainable(modules), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def train_curriculum(model: nn.Module, build_examples: Callable[[int], Sequence], make_batch: Callable,
