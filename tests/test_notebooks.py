@@ -17,6 +17,7 @@ SMOKE = {
                       "switch_batch_size": 8},
     "03_grpo": {"n_train": 2000, "n_test": 50, "max_steps": 2, "num_generations": 2, "prompts_per_step": 2,
                 "logging_steps": 1},
+    "04_evaluation": {"n_train": 2000, "n_test": 50, "prefix_draws": 1, "steer_pairs": 16},
 }
 PRESENT = [s for s in STAGES if (NOTEBOOKS / f"{s}.ipynb").exists()]
 

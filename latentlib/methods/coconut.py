@@ -56,6 +56,7 @@ import random
 import resource
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -397,3 +398,20 @@ def measure_step_memory(model, tokenizer, records: Sequence, configs: dict[str, 
         rows.append(row)
     model.eval()
     return pd.DataFrame(rows).round(3)
+
+
+def load_coconut(directory):
+    """``(model, tokenizer, CoconutConfig, CurriculumConfig)`` of a Coconut model saved by
+    notebook 02 (its metadata records both configurations)."""
+    from latentlib import artifacts
+    from latentlib.training.base import load_model_dir
+    from latentlib.training.loop import TrainConfig
+
+    model, tokenizer = load_model_dir(directory)
+    meta = artifacts.load_json(Path(directory) / artifacts.COMPLETE)
+    if "coconut" not in meta or "curriculum" not in meta:
+        raise ValueError(f"{directory} records no Coconut configuration (keys 'coconut', 'curriculum'): "
+                         "it was not saved as a Coconut model; re-run 02_curriculum.ipynb")
+    cur = dict(meta["curriculum"])
+    cur["train"] = TrainConfig(**cur["train"])
+    return model, tokenizer, CoconutConfig(**meta["coconut"]), CurriculumConfig(**cur)

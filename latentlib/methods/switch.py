@@ -615,6 +615,22 @@ def latent_blocks(latent: Sequence[bool], tokens: Sequence[int], enter_id: int, 
     return blocks
 
 
+def switch_eval_spec(tokenizer, cfg: SwitchConfig, *, mode: str = "latent", name: str | None = None,
+                     injector=None) -> EvalSpec:
+    """How a SWITCH model runs at evaluation: ``mode="latent"`` is SWITCH inference
+    (:class:`SwitchPolicy`, K_min/K_max from ``cfg``), ``mode="text"`` plain decoding."""
+    if mode not in ("latent", "text"):
+        raise ValueError(f"mode={mode!r}: use 'latent' (SWITCH inference) or 'text' (plain decoding)")
+    ids = switch_ids(tokenizer)
+
+    def policy(chunk):
+        return switch_policy(tokenizer, cfg) if mode == "latent" else TextPolicy()
+
+    return EvalSpec(name or f"switch ({mode})", policy=policy, injector=injector,
+                    latent_positions=cfg.latent_positions, max_new_tokens=cfg.max_new_tokens,
+                    neutral_token_ids=cfg.neutral_ids(ids, mode))
+
+
 def evaluate_switch(model, tokenizer, records: Sequence, cfg: SwitchConfig, *, mode: str = "latent",
                     name: str | None = None, injector=None, separator: str = "\n", batch_size: int = 250,
                     progress: bool = False) -> pd.DataFrame:
@@ -625,18 +641,16 @@ def evaluate_switch(model, tokenizer, records: Sequence, cfg: SwitchConfig, *, m
     ``block_steps`` empty). Adds ``blocks`` (``<swi>`` emitted), ``block_steps`` (latent
     steps per block) and ``kmin_violations`` (blocks shorter than K_min).
     """
-    if mode not in ("latent", "text"):
-        raise ValueError(f"mode={mode!r}: use 'latent' (SWITCH inference) or 'text' (plain decoding)")
     ids = switch_ids(tokenizer)
     recorders: list[RecordingPolicy] = []
+    spec = switch_eval_spec(tokenizer, cfg, mode=mode, name=name, injector=injector)
+    inner = spec.policy
 
     def policy(chunk):
-        recorders.append(RecordingPolicy(switch_policy(tokenizer, cfg) if mode == "latent" else TextPolicy()))
+        recorders.append(RecordingPolicy(inner(chunk)))
         return recorders[-1]
 
-    spec = EvalSpec(name or f"switch ({mode})", policy=policy, injector=injector,
-                    latent_positions=cfg.latent_positions, max_new_tokens=cfg.max_new_tokens,
-                    neutral_token_ids=cfg.neutral_ids(ids, mode))
+    spec.policy = policy
     df = evaluate(model, tokenizer, records, spec, batch_size=batch_size, progress=progress,
                   encode=lambda r: encode_record(tokenizer, r, separator))
     blocks = []
