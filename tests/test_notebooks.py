@@ -18,6 +18,7 @@ SMOKE = {
     "03_grpo": {"n_train": 2000, "n_test": 50, "max_steps": 2, "num_generations": 2, "prompts_per_step": 2,
                 "logging_steps": 1},
     "04_evaluation": {"n_train": 2000, "n_test": 50, "prefix_draws": 1, "steer_pairs": 16},
+    "05_probes": {"n_train": 2000, "n_test": 50},
 }
 PRESENT = [s for s in STAGES if (NOTEBOOKS / f"{s}.ipynb").exists()]
 
@@ -49,15 +50,14 @@ def smoke_run(tmp_path_factory):
     return tmp, status
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", PRESENT)
 def test_notebook_runs_headless(stage, smoke_run):
+    assert set(PRESENT) == set(STAGES), f"notebooks missing: {sorted(set(STAGES) - set(PRESENT))}"
     tmp, status = smoke_run
     assert status[stage] == "ok", status[stage]
     assert (tmp / f"{stage}.ipynb").exists()
 
 
-@pytest.mark.slow
 def test_nbval_reruns_give_the_same_checked_outputs(smoke_run, tmp_path):
     """nbval re-executes the smoke-run notebooks in a fresh run directory and compares the
     cells tagged ``nbval-check-output`` (configuration, key metrics) with the first run's,
