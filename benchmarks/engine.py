@@ -4,7 +4,9 @@
    tokens on the same model and batch (target: throughput ratio >= 0.9).
 2. A mixed-mode batch in which sequences enter and leave latent mode at different steps
    (target: >= 0.85 of ``model.generate``).
-6. Time per training step as the number of thoughts K grows (should be linear in K).
+6. Time per training step as the number of thoughts K grows (should be linear in K), and
+   as the written sequence grows at a fixed K; a least-squares line through each series
+   and its R^2 say how linear it is (``scaling.png`` in the results).
 
     python -m benchmarks.engine [--models tiny,smollm2-135m] [--batches 1,8,32]
 """
@@ -16,7 +18,7 @@ import copy
 
 import torch
 
-from benchmarks.common import interleaved, save, set_threads
+from benchmarks.common import RESULTS, interleaved, save, set_threads
 from latentlib.batching import prompt_batch
 from latentlib.policies import FREE, LATENT, ScriptedPolicy
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer, load_model
@@ -114,6 +116,67 @@ def scaling_in_k(name: str, ks: list[int], batch: int, repeats: int) -> list[dic
     return rows
 
 
+def scaling_in_length(name: str, lengths: list[int], K: int, batch: int, repeats: int) -> list[dict]:
+    """Training step time at ``K`` thoughts as the written part after them grows."""
+    model, tok, prompts = load(name)
+    model.train()
+    lat = tok.get_vocab()["<latent>"]
+    rows = []
+    for T in lengths:
+        seqs = [(p * (T // len(p) + 2))[:T] for p in (prompts * (batch // len(prompts) + 1))[:batch]]
+        seqs = [p[:8] + [lat] * K + s for p, s in zip(prompts, seqs)]
+        input_ids, mask = prompt_batch(seqs, tok.pad_token_id)
+        latent = input_ids == lat
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            out = latent_forward(model, input_ids, mask, latent)
+            out.logits[:, -T:].float().logsumexp(-1).mean().backward()
+
+        t = interleaved({"step": step}, repeats=repeats)["step"]
+        rows.append({"model": name, "K": K, "T": T, "batch": batch, "step_s": t["min_s"]})
+        print(f"[{name} scaling] K={K} T={T:>3}: {t['min_s'] * 1000:.1f} ms/step", flush=True)
+    model.eval()
+    return rows
+
+
+def linear_fit(x, y) -> dict:
+    """Least-squares line ``y = a + b x`` and its R^2."""
+    import numpy as np
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    b, a = np.polyfit(x, y, 1)
+    resid = y - (a + b * x)
+    r2 = 1 - (resid ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30)
+    return {"intercept_s": float(a), "slope_s": float(b), "r2": float(r2)}
+
+
+def scaling_figure(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in [(axes[0], "K", "thoughts K (written part fixed)"), (axes[1], "T", "written tokens T (K = 8)")]:
+        for name in dict.fromkeys(r["model"] for r in rows):
+            pts = sorted((r[key], r["step_s"] * 1000) for r in rows if r["model"] == name and r.get("series") == key)
+            if not pts:
+                continue
+            x, y = zip(*pts)
+            fit = linear_fit(x, y)
+            ax.plot(x, y, marker="o", label=f"{name} (R^2 {fit['r2']:.3f})")
+            ax.plot(x, [fit["intercept_s"] + fit["slope_s"] * v for v in x], ls=":", color="grey")
+        ax.set_xlabel(label)
+        ax.set_ylabel("ms per training step (batch 8)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("time per step vs thoughts")
+    axes[1].set_title("time per step vs sequence length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="tiny,smollm2-135m")
@@ -126,10 +189,17 @@ def main(argv=None):
     for name in args.models.split(","):
         T = 10 if name == "tiny" else 26
         decode += decode_benchmarks(name, [int(b) for b in args.batches.split(",")], K=6, T=T, repeats=args.repeats)
-        scaling += scaling_in_k(name, [0, 2, 4, 8, 12, 16] if name == "tiny" else [0, 4, 8, 16], batch=8,
-                                repeats=max(2, args.repeats // 2))
+        reps = max(2, args.repeats // 2)
+        ks = [0, 2, 4, 8, 12, 16, 24, 32] if name == "tiny" else [0, 4, 8, 16]
+        scaling += [{**r, "series": "K"} for r in scaling_in_k(name, ks, batch=8, repeats=reps)]
+        lengths = [16, 32, 64, 128] if name == "tiny" else [16, 32, 64]
+        scaling += [{**r, "series": "T"} for r in scaling_in_length(name, lengths, K=8, batch=8, repeats=reps)]
+    fits = {f"{m}/{key}": linear_fit(*zip(*[(r[key], r["step_s"]) for r in scaling if r["model"] == m
+                                            and r["series"] == key]))
+            for m in dict.fromkeys(r["model"] for r in scaling) for key in ("K", "T")}
     save("engine_decode", {"rows": decode, "targets": {"latent_ratio": 0.9, "mixed_ratio": 0.85}})
-    save("engine_scaling", {"rows": scaling})
+    save("engine_scaling", {"rows": scaling, "linear_fits": fits})
+    scaling_figure(scaling, RESULTS / "scaling.png")
     return decode, scaling
 
 

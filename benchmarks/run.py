@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import time
 
-from benchmarks import coconut_reference, engine, training
-from benchmarks.common import RESULTS, machine, set_threads
+from benchmarks import coconut_reference, engine, grpo, training
+from benchmarks.common import RESULTS, ROOT, machine, set_threads
 
 
 def _ok(value, target, higher_is_better=True):
@@ -31,9 +31,13 @@ def summary() -> str:
     p = RESULTS / "engine_scaling.json"
     if p.exists():
         d = json.loads(p.read_text())
-        lines.append("\n## Training step time as the number of thoughts K grows (batch 8)\n")
-        lines.append("| model | K | ms/step |\n|---|---|---|")
-        lines += [f"| {r['model']} | {r['K']} | {r['step_s'] * 1000:.1f} |" for r in d["rows"]]
+        lines.append("\n## Training step time as thoughts K and written length T grow (batch 8; `scaling.png`)\n")
+        lines.append("| model | series | K | T | ms/step |\n|---|---|---|---|---|")
+        lines += [f"| {r['model']} | {r.get('series', 'K')} | {r['K']} | {r.get('T', '')} | {r['step_s'] * 1000:.1f} |"
+                  for r in d["rows"]]
+        for name, fit in d.get("linear_fits", {}).items():
+            lines.append(f"\n- {name}: {fit['slope_s'] * 1000:.2f} ms per unit, intercept "
+                         f"{fit['intercept_s'] * 1000:.1f} ms, R^2 of the straight line {fit['r2']:.4f}")
     p = RESULTS / "coconut_reference.json"
     if p.exists():
         d = json.loads(p.read_text())
@@ -53,6 +57,23 @@ def summary() -> str:
         for r in d["rows"]:
             lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {_ok(r['time_vs_cot'], 1.3, False)} | "
                          f"{r['saved_mb']:.1f} | {_ok(r['memory_vs_cot'], 1.5, False)} |")
+    p = RESULTS / "grpo_step.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        lines.append(f"\n## Switch-GRPO step breakdown ({d['model']})\n")
+        lines.append("| G x prompts | rollout ms | reference ms | policy loss ms | rollout share | "
+                     "one call vs a call per group |\n|---|---|---|---|---|---|")
+        for r in d["rows"]:
+            lines.append(f"| {r['G']} x {r['prompts']} | {r['rollout_s'] * 1000:.0f} | {r['reference_s'] * 1000:.0f} | "
+                         f"{r['policy_loss_s'] * 1000:.0f} | {r['rollout_fraction']:.0%} | "
+                         f"{r['batched_speedup']:.1f}x faster |")
+    p = ROOT / "reports" / "tiny" / "pipeline.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        lines.append(f"\n## The whole pipeline (`make pipeline`, reports/tiny/pipeline.json)\n")
+        lines.append("| notebook | status | seconds |\n|---|---|---|")
+        lines += [f"| {r['stage']} | {r['status']} | {r.get('seconds', 0):.0f} |" for r in d["stages"]]
+        lines.append(f"| total | | {_ok(d['total_seconds'] / 60, 20, False)} min |")
     return "\n".join(lines) + "\n"
 
 
@@ -62,6 +83,7 @@ def main():
     engine.main([])
     coconut_reference.main([])
     training.main([])
+    grpo.main([])
     (RESULTS / "summary.md").write_text(summary())
     print(f"wrote {RESULTS / 'summary.md'}")
 

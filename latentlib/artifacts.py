@@ -109,8 +109,22 @@ class atomic_dir:
         return False
 
 
+def _seeds(meta: Any) -> list:
+    """Every value stored under a key named ``seed`` anywhere in ``meta``."""
+    if isinstance(meta, dict):
+        return [v for k, v in meta.items() if k == "seed"] + [s for v in meta.values() for s in _seeds(v)]
+    if isinstance(meta, (list, tuple)):
+        return [s for v in meta for s in _seeds(v)]
+    return []
+
+
 def write_complete(directory: Path, meta: dict[str, Any]) -> None:
-    """Writes the completion marker (last, inside the temporary directory)."""
+    """Writes the completion marker (last, inside the temporary directory), with the
+    library versions. ``meta`` must record the seed that made the artifact (a ``seed``
+    key, at any depth: e.g. inside the training configuration)."""
+    if not _seeds(meta):
+        raise ValueError(f"the metadata of {Path(directory).name} records no seed: put the seed that made the "
+                         "artifact (or the configuration holding it) into the metadata")
     info = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": versions(), **meta}
     (Path(directory) / COMPLETE).write_text(json.dumps(info, indent=1, default=str))
 

@@ -5,7 +5,7 @@ tensor per layer as Hugging Face returns them (``hidden_states[0]`` is the embed
 output, ``hidden_states[-1]`` the last layer after the final norm), each ``(B, D)``,
 and returns the vector ``(B, D)`` that becomes the latent slot's input embedding.
 
-Variants (seed 003's table):
+Variants (the table of a public Coconut replication):
 
 - ``hs[-k]``: the hidden state of layer ``-k`` (``hs[-1]`` is Coconut's choice).
 - ``suppressed[f:]``: the "suppressed activations" of the last fraction ``f`` of layers.

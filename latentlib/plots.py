@@ -28,16 +28,26 @@ def loss_curves(curves: dict[str, list[dict]], *, key: str = "loss", title: str 
 
 def accuracy_vs_tokens(table: pd.DataFrame, *, x: str = "visible_tokens", y: str = "accuracy",
                        label: str = "method", title: str = "accuracy vs visible tokens"):
-    """A scatter of methods: accuracy against the visible tokens they write."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(table[x], table[y])
-    for _, row in table.iterrows():
-        ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    """A scatter of methods: accuracy against the visible tokens they write (or any ``x``).
+
+    Each method has its own colour and marker and is named in a legend beside the axes:
+    methods often share a point (several at 100% with 2 tokens), where labels written on
+    the plot would overlap."""
+    import itertools
+
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(8.5, max(4.0, 0.22 * n + 1.0)))
+    colors = plt.get_cmap("tab20").colors
+    markers = itertools.cycle("osD^vP*Xh<>p")
+    for i, (_, row) in enumerate(table.iterrows()):
+        ax.scatter(row[x], row[y], s=55, color=colors[i % len(colors)], marker=next(markers), alpha=0.85,
+                   edgecolor="black", linewidth=0.4, label=f"{row[label]} ({row[y]:.3f})")
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(y)
     ax.set_ylim(-0.02, 1.05)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, title=f"{label} ({y})")
     fig.tight_layout()
     return fig
 

@@ -87,7 +87,7 @@ def test_saved_head_reloads_to_identical_outputs(tiny, tmp_path):
     model, tok, ids = tiny
     torch.manual_seed(1)
     projection = make_projection(model)
-    save_qthink(tmp_path / "ckpt", model, tok, projection, {"test": True})
+    save_qthink(tmp_path / "ckpt", model, tok, projection, {"test": True, "seed": 0})
     state = torch.load(tmp_path / "ckpt" / HEAD_FILE, weights_only=True)
     assert sorted(state) == ["mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight", "mlp.3.bias",
                              "mlp.3.weight"]  # the release's layout
@@ -292,7 +292,7 @@ def test_lora_checkpoint_reloads_to_identical_outputs(tiny, tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.5)  # adapters that change the outputs
     projection = make_projection(peft_model)
-    save_qthink(tmp_path / "ckpt", peft_model, tok, projection, {})
+    save_qthink(tmp_path / "ckpt", peft_model, tok, projection, {"seed": 0})
     assert (tmp_path / "ckpt" / "adapter_config.json").is_file()
     loaded, tok2, projection2 = load_qthink(tmp_path / "ckpt", base_model=str(base_dir))
     prompts = [list(encode_record(tok, r, " ").question) for r in RECORDS]

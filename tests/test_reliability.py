@@ -103,6 +103,18 @@ def test_a_half_written_artifact_is_never_taken_for_a_finished_one(tmp_path, mon
         artifacts.require_artifact("r", "base", "cot", made_by="00_teacher_extraction.ipynb")
 
 
+def test_every_artifact_records_its_seed_and_the_library_versions(tmp_path):
+    with pytest.raises(ValueError, match="records no seed"):
+        with artifacts.atomic_dir(tmp_path / "a") as tmp:
+            artifacts.write_complete(tmp, {"kind": "model", "config": {"lr": 1e-3}})
+    assert not (tmp_path / "a").exists()  # refused: nothing half-finished left behind
+    with artifacts.atomic_dir(tmp_path / "b") as tmp:
+        artifacts.write_complete(tmp, {"kind": "model", "config": {"train": {"seed": 7}}})
+    meta = artifacts.load_json(tmp_path / "b" / artifacts.COMPLETE)
+    assert meta["config"]["train"]["seed"] == 7
+    assert {"torch", "transformers", "python", "torch_threads"} <= set(meta["versions"])
+
+
 def test_a_truncated_checkpoint_gets_a_clear_error(tmp_path):
     model, tok, examples = _small_setup()
     cfg = TrainConfig(steps=3, batch_size=16, checkpoint_every=3, log_every=1)

@@ -301,6 +301,19 @@ def test_phase2_step_trains_with_thoughts(tiny):
     assert len(changed) == len(before)
 
 
+def test_a_stage_beyond_the_schedule_is_refused(tiny):
+    model, tok, _ = tiny
+    from latentlib.training.curriculum import CurriculumConfig
+
+    cur = CurriculumConfig(start_stage=1, end_stage=5, steps_per_stage=1,
+                           train=TrainConfig(steps=0, batch_size=4, lr=1e-3, warmup_steps=0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"end_stage=5 is beyond the schedule.*at most 4 stages"):
+        sw.train_phase2(model, tok, _records(), [[Span(0, 1, True)]] * 4, sw.SwitchConfig(c_thought=2, k_max=8), cur,
+                        separator=" ", progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing trained
+
+
 def test_load_switch_adapter_in_the_published_layout(tmp_path):
     """Base without the tokens; adapter dir = adapter + tokenizer with <swi> </swi> <latent>."""
     from peft import LoraConfig, get_peft_model
@@ -337,11 +350,16 @@ def test_load_switch_adapter_in_the_published_layout(tmp_path):
         torch.testing.assert_close(loaded(input_ids=x).logits, want)
     with pytest.raises(FileNotFoundError, match="adapter_config"):
         sw.load_switch_adapter(tmp_path / "base", tmp_path / "base")
+    # an adapter trained on another model (width 32) onto a base of width 48: refused, with what to do
+    other = build_tiny_model(len(tok) - 3, Preset("o", "scratch", hidden_size=48, num_layers=2, num_heads=2,
+                                                  num_kv_heads=1, intermediate_size=64), seed=2)
+    with pytest.raises(sw.AdapterMismatchError, match=r"does not fit this base model.*size mismatch.*width 48"):
+        sw.load_switch_adapter(other, adapter)
 
 
 def test_save_and_load_switch_model_roundtrip(tiny, tmp_path):
     model, tok, _ = tiny
-    sw.save_switch_model(model, tok, tmp_path / "m", {"kind": "test"})
+    sw.save_switch_model(model, tok, tmp_path / "m", {"kind": "test", "seed": 0})
     loaded, ltok = sw.load_switch_model(tmp_path / "m")
     x = torch.tensor([[3, 4, 5]])
     torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)

@@ -42,7 +42,7 @@ that circuit and holds each value where the curriculum puts the thought that rep
 it; from it the marker format carries over like the plain one (97% at the last stage).
 
 Where this departs from the paper: thoughts can come from other layers or transforms
-than the last hidden state (``injection``, seed 003's variants), can skip the position
+than the last hidden state (``injection``, the replication's variants), can skip the position
 counter (``latent_positions="skip"``), and can carry a SEQ-VCR regulariser (Arefin et al.
 2024): variance and covariance terms of VICReg, per thought index across the batch, on
 the thoughts after a fixed random orthogonal projection (the reference implementation

@@ -1,4 +1,4 @@
-"""The light-weight tier of seed 002 side by side: baseline, random prefix, pause tokens
+"""The light-weight methods side by side: baseline, random prefix, pause tokens
 (untrained / trained), steering, UPFT and planning tokens, in the shape of the seed's
 comparison matrix (accuracy, visible tokens, training time relative to the baseline).
 

@@ -1,4 +1,4 @@
-"""Pause tokens (Goyal et al. 2023, "Think before you speak"; seed 002 §2.2).
+"""Pause tokens (Goyal et al. 2023, "Think before you speak").
 
 ``n`` copies of a learnable ``<pause>`` token are appended to the question (or put in
 front of it), and the model answers only after the last one: the pauses give it ``n``

@@ -1,5 +1,5 @@
 """Planning tokens (Wang et al., ICLR 2024, "Guiding Language Model Reasoning with
-Planning Tokens"; seed 002 §2.6).
+Planning Tokens").
 
 A learned special token comes before each reasoning step; the model is trained to write
 it (it is part of the target) and so writes it by itself at inference, getting one

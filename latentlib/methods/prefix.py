@@ -1,4 +1,4 @@
-"""Random prefix perturbation (dl1683/Latent-Space-Reasoning) and the embedding RMS (seed 002, §2.1 and §5).
+"""Random prefix perturbation (dl1683/Latent-Space-Reasoning) and the embedding RMS.
 
 The method: at inference only, put ``n`` random vectors at the scale of the model's own
 token embeddings in front of the prompt, and decode greedily as usual. Each problem is
@@ -57,7 +57,7 @@ class PrefixConfig:
 
 def embedding_rms_table(presets: Sequence[str] = ("tiny", "smollm2-135m"), *,
                         models: dict[str, nn.Module] | None = None, words: list[str] | None = None) -> pd.DataFrame:
-    """Embedding RMS per preset (seed 002 §5): the scale random prefixes are drawn at.
+    """Embedding RMS per preset: the scale random prefixes are drawn at.
 
     ``models`` maps extra labels to already-loaded models (e.g. the trained tiny base
     model); presets are loaded with :func:`latentlib.presets.load_model` (``tiny`` is a

@@ -1,4 +1,4 @@
-"""QThink (seed 001) and CODI: K continuous thoughts through a learned projection head,
+"""QThink (the QThink card) and CODI: K continuous thoughts through a learned projection head,
 then greedy text.
 
 What is injected where. After the question, K latent slots; the input of slot k is the

@@ -1,5 +1,5 @@
 """Steering vectors (ActAdd, Turner et al. 2023): a direction read from contrasting prompts,
-added to the residual stream during the forward (seed 002, §2.5).
+added to the residual stream during the forward.
 
 The direction at decoder layer ``L`` is the difference of the mean activations (layer
 ``L``'s output) on the positive and the negative prompts of contrast pairs; each pair's

@@ -1,4 +1,4 @@
-"""SWITCH (Yang et al. 2026, arXiv 2606.13106; seed 000): switchable latent blocks.
+"""SWITCH (Yang et al. 2026, arXiv 2606.13106; the SWITCH card): switchable latent blocks.
 
 The model writes ordinary text, emits ``<swi>`` to enter latent mode, thinks there by
 hidden-state recurrence (each ``<latent>`` slot's input is the previous position's last
@@ -557,9 +557,13 @@ def train_phase2(model: nn.Module, tokenizer, records: Sequence, spans: Sequence
 
     ids = switch_ids(tokenizer)
     injector = injector if injector is not None else make_injector(cfg.injection, model)
+    end = curriculum.end_stage
+    if end > cfg.max_stage:
+        raise ValueError(f"end_stage={end} is beyond the schedule: with c={cfg.c_thought} and K_max={cfg.k_max} "
+                         f"stage {cfg.max_stage} already replaces every block entirely and later stages would "
+                         f"train the same format again; use at most {cfg.max_stage} stages (or raise K_max)")
     encoded = [encode_record(tokenizer, r, separator) for r in records]
     pad = tokenizer.pad_token_id
-    end = curriculum.end_stage
     return train_curriculum(model, lambda s: phase2_examples(encoded, spans, schedule_stage(s, end, cfg), cfg, ids),
                             lambda b: mark_stay_decisions(collate(b, pad, align="first_latent"), cfg.k_min),
                             switch_loss(cfg, ids, injector), curriculum,
@@ -689,6 +693,10 @@ def save_switch_model(model, tokenizer, directory, meta: dict) -> None:
         artifacts.write_complete(tmp, {"adapter": isinstance(model, PeftModel), **meta})
 
 
+class AdapterMismatchError(ValueError):
+    """A LoRA adapter whose shapes do not fit the base model it is loaded onto."""
+
+
 def load_switch_adapter(base_model_or_preset, adapter_dir, *, is_trainable: bool = False):
     """``(model, tokenizer)`` from the card's layout: the tokenizer from the adapter
     directory (it holds ``<swi>``, ``</swi>``, ``<latent>``), the base model's embeddings
@@ -720,7 +728,16 @@ def load_switch_adapter(base_model_or_preset, adapter_dir, *, is_trainable: bool
         base, _ = load_model(preset.name)
     if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:300])
+        raise AdapterMismatchError(
+            f"the adapter in {adapter_dir} does not fit this base model ({first}): it was trained on another "
+            f"model (width {base.config.hidden_size} here); load it onto the base named in adapter_config.json"
+        ) from None
     if not is_trainable:
         model.eval()
     return model, tokenizer

@@ -1,5 +1,5 @@
 """UPFT: Unsupervised Prefix Fine-Tuning (Ji et al. 2025, "The First Few Tokens Are All
-You Need"; seed 002 §2.4).
+You Need").
 
 The loss covers only the first ``n`` tokens of the reasoning (``n = 8`` by default):
 the paper's "prefix self-consistency" says that different correct solutions share their

@@ -1,4 +1,4 @@
-"""Distilling multi-rollout teachers into K latent steps (QThink, seed 001; CODI's
+"""Distilling multi-rollout teachers into K latent steps (QThink card; CODI's
 self-distillation is the nearest published relative), and the discrete SFT baseline.
 
 One ``mode`` field:

@@ -1,4 +1,4 @@
-"""Switch-GRPO (SWITCH phase 3, seed 000): on-policy GRPO whose rollouts run through the
+"""Switch-GRPO (SWITCH phase 3, as the SWITCH card describes it): on-policy GRPO whose rollouts run through the
 engine with real hidden-state injection inside the model's own ``<swi>`` blocks.
 
 One optimizer step:
