@@ -148,4 +148,6 @@ def load_model(name: str, *, words: list[str] | None = None, seed: int = 0):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    if torch.cuda.is_available():  # one process per notebook: the model goes to the visible GPU
+        model.to("cuda")
     return model, tokenizer

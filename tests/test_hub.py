@@ -177,3 +177,25 @@ def test_smollm2_cache_round_trip(tmp_path):
     generated = second_model.generate(**prompt, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "5" in answer, answer
+
+
+@pytest.mark.gpu
+def test_a_real_preset_runs_on_the_gpu():
+    """On a CUDA machine: the model lands on the GPU and the engine follows it (greedy
+    decoding equal to model.generate, one thought injected)."""
+    import torch
+
+    from latentlib.policies import LATENT, ScriptedPolicy
+    from latentlib.presets import load_model
+    from latentlib.recurrence import generate
+    from latentlib.tokens import add_special_tokens
+
+    model, tok = load_model("smollm2-135m")
+    assert model.device.type == "cuda"
+    ids = add_special_tokens(model, tok)
+    enc = tok(["What is 2+3?"], return_tensors="pt").to(model.device)
+    trace = generate(model, enc.input_ids, enc.attention_mask, policy=ScriptedPolicy([LATENT]), max_new_tokens=6,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, latent_token_id=ids["<latent>"],
+                     temperature=1.0, seeds=[0])
+    assert trace.tokens.device.type == "cuda" and bool(trace.is_latent[0, 0])
+    assert torch.isfinite(trace.logprob[0, 1:]).all()
