@@ -165,10 +165,12 @@ def scaling_figure(rows: list[dict], path) -> None:
                 continue
             x, y = zip(*pts)
             fit = linear_fit(x, y)
-            ax.plot(x, y, marker="o", label=f"{name} (R^2 {fit['r2']:.3f})")
-            ax.plot(x, [fit["intercept_s"] + fit["slope_s"] * v for v in x], ls=":", color="grey")
+            # relative to the series' first point, so that models of any size share the axes
+            ax.plot(x, [v / y[0] for v in y], marker="o", label=f"{name}: {y[0]:.0f} ms at {key}={x[0]} "
+                    f"(R^2 of a line {fit['r2']:.3f})")
+            ax.plot(x, [(fit["intercept_s"] + fit["slope_s"] * v) / y[0] for v in x], ls=":", color="grey")
         ax.set_xlabel(label)
-        ax.set_ylabel("ms per training step (batch 8)")
+        ax.set_ylabel("time per training step / first point")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_title("time per step vs thoughts")

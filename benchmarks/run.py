@@ -57,6 +57,10 @@ def summary() -> str:
         for r in d["rows"]:
             lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {_ok(r['time_vs_cot'], 1.3, False)} | "
                          f"{r['saved_mb']:.1f} | {_ok(r['memory_vs_cot'], 1.5, False)} |")
+        for r in d.get("real_model", []):
+            lines.append(f"| smollm2-135m {r['variant']} (batch {r['batch']}, {r['length']} tokens, "
+                         f"{r['thoughts']} thoughts) | {r['step_ms']:.0f} | {_ok(r['time_vs_cot'], 1.3, False)} | "
+                         f"{r['saved_mb']:.1f} | {_ok(r['memory_vs_cot'], 1.5, False)} |")
     p = RESULTS / "grpo_step.json"
     if p.exists():
         d = json.loads(p.read_text())

@@ -82,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--c", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure SmolLM2-135M (batch 8, 48 tokens, 6 thoughts)")
     args = ap.parse_args(argv)
     threads = set_threads()
     model, cot, last = setup(args.batch, args.c)
@@ -95,8 +97,37 @@ def main(argv=None):
     for r in rows:
         print(f"  {r['variant']:<26} {r['step_ms']:7.1f} ms  {r['time_vs_cot']:.2f}x CoT (target <= 1.3)   "
               f"saved for backward {r['saved_mb']:6.1f} MB  {r['memory_vs_cot']:.2f}x CoT (target <= 1.5)", flush=True)
-    save("coconut_training_cost", {"batch": args.batch, "c": args.c, "rows": rows,
+    real = real_model_cost(args.repeats) if args.real else []
+    save("coconut_training_cost", {"batch": args.batch, "c": args.c, "rows": rows, "real_model": real,
                                    "targets": {"time_vs_cot": 1.3, "memory_vs_cot": 1.5}})
+
+
+def real_model_cost(repeats: int, batch: int = 8, length: int = 48, thoughts: int = 6) -> list[dict]:
+    """The same ratio on SmolLM2-135M: ``thoughts`` consecutive thought columns in the
+    middle of a ``length``-token sequence against the same sequence written out."""
+    from latentlib.presets import load_model
+
+    model, tok = load_model("smollm2-135m")
+    add_special_tokens(model, tok)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 10000, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    latent = torch.zeros(batch, length, dtype=torch.bool)
+    latent[:, length // 2 - thoughts // 2: length // 2 - thoughts // 2 + thoughts] = True
+    labels = ids.masked_fill(latent, -100)
+    batches = {"cot": {"input_ids": ids, "attention_mask": mask, "latent_mask": torch.zeros_like(latent),
+                       "labels": labels},
+               "coconut": {"input_ids": ids, "attention_mask": mask, "latent_mask": latent, "labels": labels}}
+    t = interleaved({k: step_fn(model, b) for k, b in batches.items()}, repeats=max(2, repeats // 2))
+    mem = {k: saved_bytes(model, b) for k, b in batches.items()}
+    rows = [{"variant": k, "batch": batch, "length": length, "thoughts": thoughts if k == "coconut" else 0,
+             "step_ms": t[k]["min_s"] * 1000, "time_vs_cot": t[k]["min_s"] / t["cot"]["min_s"],
+             "saved_mb": mem[k] / 2**20, "memory_vs_cot": mem[k] / mem["cot"]} for k in batches]
+    for r in rows:
+        print(f"  smollm2-135m {r['variant']:<8} {r['step_ms']:7.0f} ms  {r['time_vs_cot']:.2f}x CoT   "
+              f"saved for backward {r['saved_mb']:6.1f} MB  {r['memory_vs_cot']:.2f}x CoT", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
