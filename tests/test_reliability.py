@@ -184,7 +184,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo) against 1 process: same global batch, same curve.
 
     Tolerance 1e-5 (absolute, on losses around 2.6): the two processes average two
-    half-batch gradients, which reassociates float sums; measured difference about 3e-7.
+    half-batch gradients, which reassociates float sums; measured: at most 1.7e-6 over 24 steps.
     """
     one = _loss_curve([sys.executable], tmp_path, "one")
     torchrun = Path(sys.executable).with_name("torchrun")
