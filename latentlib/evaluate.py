@@ -25,7 +25,7 @@ from latentlib.policies import TextPolicy
 from latentlib.recurrence import generate
 from latentlib.tasks import extract_flexible, extract_strict, grade
 
-__all__ = ["EvalSpec", "evaluate", "summarize", "checked_view", "record_evaluation", "collect_evaluations"]
+__all__ = ["EvalSpec", "generate_batch", "evaluate", "summarize", "checked_view", "record_evaluation", "collect_evaluations"]
 
 
 @dataclass
@@ -44,6 +44,26 @@ class EvalSpec:
 
 
 @torch.no_grad()
+def generate_batch(model, tokenizer, chunk: Sequence, spec: EvalSpec, prompt_of: Callable, **generate_kwargs):
+    """One batch of records through the engine as ``spec`` runs the method: left-padded
+    prompts, the method's policy, injector and prompt embeddings. Returns the
+    :class:`~latentlib.recurrence.Trace` and the seconds :func:`generate` took (prompt
+    building excluded). ``generate_kwargs`` go to :func:`generate` (sampling, captures)."""
+    input_ids, mask = prompt_batch([prompt_of(r) for r in chunk], tokenizer.pad_token_id)
+    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+    embeds = spec.inputs_embeds(input_ids, mask, chunk) if spec.inputs_embeds else None
+    policy = spec.policy(chunk) if spec.policy else TextPolicy()
+    latent_id = tokenizer.get_vocab().get("<latent>")
+    t0 = time.perf_counter()
+    trace = generate(model, input_ids, mask, policy=policy, max_new_tokens=spec.max_new_tokens,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     injector=spec.injector, latent_token_id=latent_id, inputs_embeds=embeds,
+                     latent_positions=spec.latent_positions, neutral_token_ids=spec.neutral_token_ids,
+                     **generate_kwargs)
+    return trace, time.perf_counter() - t0
+
+
+@torch.no_grad()
 def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, *, batch_size: int = 64,
              encode: Callable | None = None, progress: bool = True) -> pd.DataFrame:
     """One row per problem: prediction text, correctness (strict and flexible), visible
@@ -58,17 +78,8 @@ def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, *, batch_size:
     bar = tqdm(total=len(records), desc=f"eval {spec.name}", disable=not progress, dynamic_ncols=True)
     for s in range(0, len(records), batch_size):
         chunk = list(records[s:s + batch_size])
-        input_ids, mask = prompt_batch([prompt_of(r) for r in chunk], tokenizer.pad_token_id)
-        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-        embeds = spec.inputs_embeds(input_ids, mask, chunk) if spec.inputs_embeds else None
-        policy = spec.policy(chunk) if spec.policy else TextPolicy()
-        latent_id = tokenizer.get_vocab().get("<latent>")
-        t0 = time.perf_counter()
-        trace = generate(model, input_ids, mask, policy=policy, max_new_tokens=spec.max_new_tokens,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         injector=spec.injector, latent_token_id=latent_id, inputs_embeds=embeds,
-                         latent_positions=spec.latent_positions, neutral_token_ids=spec.neutral_token_ids)
-        seconds = (time.perf_counter() - t0) / len(chunk)
+        trace, seconds = generate_batch(model, tokenizer, chunk, spec, prompt_of)
+        seconds /= len(chunk)
         for b, r in enumerate(chunk):
             ids = trace.text_ids(b)
             text = tokenizer.decode([i for i in ids if i not in special])

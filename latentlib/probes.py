@@ -70,26 +70,17 @@ def collect_traces(model: nn.Module, tokenizer, records, spec, *, encode, captur
     not depend on the batch it falls in."""
     from tqdm.auto import tqdm
 
-    from latentlib.batching import prompt_batch
-    from latentlib.policies import TextPolicy
-    from latentlib.recurrence import generate
+    from latentlib.evaluate import generate_batch
 
     model.eval()
+    prompt_of = spec.prompt or (lambda r: encode(r).question)
     out = []
-    latent_id = tokenizer.get_vocab().get("<latent>")
     for s in tqdm(range(0, len(records), batch_size), desc=f"traces {spec.name}", disable=not progress):
         chunk = list(records[s:s + batch_size])
-        ids, mask = prompt_batch([(spec.prompt or (lambda r: encode(r).question))(r) for r in chunk],
-                                 tokenizer.pad_token_id)
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        embeds = spec.inputs_embeds(ids, mask, chunk) if spec.inputs_embeds else None
-        out.append(generate(model, ids, mask, policy=spec.policy(chunk) if spec.policy else TextPolicy(),
-                            max_new_tokens=spec.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, injector=spec.injector, latent_token_id=latent_id,
-                            inputs_embeds=embeds, latent_positions=spec.latent_positions,
-                            neutral_token_ids=spec.neutral_token_ids, temperature=temperature,
-                            seeds=[seed + s + i for i in range(len(chunk))] if temperature > 0 else None,
-                            capture_layers=capture_layers))
+        seeds = [seed + s + i for i in range(len(chunk))] if temperature > 0 else None
+        trace, _ = generate_batch(model, tokenizer, chunk, spec, prompt_of, temperature=temperature, seeds=seeds,
+                                  capture_layers=capture_layers)
+        out.append(trace)
     return out
 
 
