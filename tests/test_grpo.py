@@ -110,16 +110,6 @@ def test_reward_functions():
 # ---------------------------------------------------------------------------- rollouts and a step
 
 
-@pytest.fixture
-def eager(tiny):
-    """The tiny random model made to emit <swi> often."""
-    model, tok, ids = tiny
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb[ids["<swi>"]] = emb[ids["<swi>"]] * 4 + emb[:ids["<swi>"]].mean(0)
-    return model, tok, ids
-
-
 RECORDS = [make_chain_record(s, ["+1", "*3"], 10) for s in range(4)]
 
 

@@ -210,16 +210,6 @@ def test_schedule_stage_ends_fully_latent():
     assert [sw.schedule_stage(s, 3, cfg) for s in (1, 2, 3)] == [1, 2, 4]
 
 
-@pytest.fixture
-def eager(tiny):
-    """The tiny random model made to emit <swi> often (its tied embedding row scaled up)."""
-    model, tok, ids = tiny
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb[ids["<swi>"]] = emb[ids["<swi>"]] * 4 + emb[:ids["<swi>"]].mean(0)
-    return model, tok, ids
-
-
 def test_mixed_mode_batch_equals_sequences_alone(eager):
     model, tok, ids = eager
     prompts = ["1 +1 =", "2 *3 +2 =", "3 =", "4 +3 *7 =", "5 +1 =", "6 *7 =", "7 +2 +2 =", "8 *3 ="]
