@@ -61,6 +61,25 @@ def summary() -> str:
             lines.append(f"| smollm2-135m {r['variant']} (batch {r['batch']}, {r['length']} tokens, "
                          f"{r['thoughts']} thoughts) | {r['step_ms']:.0f} | {_ok(r['time_vs_cot'], 1.3, False)} | "
                          f"{r['saved_mb']:.1f} | {_ok(r['memory_vs_cot'], 1.5, False)} |")
+        if d.get("sweep"):
+            lines.append("\nThe same ratio across batch sizes (`coconut_cost_vs_batch.png`). A thought pass runs the "
+                         "layers on `batch` rows, the CoT pass on `batch x length` rows:\n")
+            lines.append("| model | batch | CoT ms | Coconut ms | time vs CoT | median of runs | "
+                         "extra ms per thought pass |\n|---|---|---|---|---|---|---|")
+            lines += [f"| {r['model']} | {r['batch']} | {r['cot_ms']:.1f} | {r['coconut_ms']:.1f} | "
+                      f"{_ok(r['time_vs_cot'], 1.3, False)} | {r['median_time_vs_cot']:.2f} | "
+                      f"{r['extra_ms_per_thought_pass']:.1f} |" for r in d["sweep"]]
+        if d.get("gemm_rows"):
+            lines.append("\nOne MLP projection's three training products (forward, input and weight gradient), "
+                         "time per row:\n")
+            lines.append("| model | weight | rows | us per row |\n|---|---|---|---|")
+            lines += [f"| {r['model']} | {r['in_features']}x{r['out_features']} | {r['rows']} | "
+                      f"{r['us_per_row']:.2f} |" for r in d["gemm_rows"]]
+        if d.get("attention_rows"):
+            lines.append("\nAttention (SDPA forward + backward, as transformers calls it), time per query:\n")
+            lines.append("| model | call | batch | keys | us per query |\n|---|---|---|---|---|")
+            lines += [f"| {r['model']} | {r['call']} | {r['batch']} | {r['keys']} | {r['us_per_query']:.2f} |"
+                      for r in d["attention_rows"]]
     p = RESULTS / "grpo_step.json"
     if p.exists():
         d = json.loads(p.read_text())

@@ -9,15 +9,28 @@ Time ratios are measured side by side in one process. Memory is what autograd ke
 the backward (distinct storages of the saved tensors): on a CPU there is no allocator
 peak counter, and the process's peak resident set is dominated by the libraries.
 
-    python -m benchmarks.training [--batch 128] [--c 1]
+Where the extra time of a Coconut step goes, measured rather than assumed:
+
+- **Across batch sizes** (``--sweep``): the same two steps at several batches, with the
+  extra time per thought pass. A thought pass cannot start before the previous one has
+  finished (it reads its last hidden state), so each runs its layers on ``batch`` rows;
+  the CoT step runs them once on ``batch x length`` rows.
+- **The matrix products at those two sizes** (:func:`gemm_rows`): one MLP projection's
+  forward, input-gradient and weight-gradient products, time per row at the rows of a
+  thought pass against the rows of the CoT pass. That per-row slow-down is a property of
+  the BLAS on this CPU, not of the engine.
+
+    python -m benchmarks.training [--batch 128] [--c 1] [--no-sweep] [--no-real]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+
 import torch
 
-from benchmarks.common import interleaved, save, set_threads
+from benchmarks.common import RESULTS, interleaved, save, set_threads
 from latentlib.batching import collate, encode_record
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer
 from latentlib.recurrence import latent_forward
@@ -77,15 +90,96 @@ def saved_bytes(model, batch, **kw) -> int:
     return sum(seen.values())
 
 
+def pair_cost(model, cot, last, repeats: int) -> dict:
+    """CoT step against Coconut last-stage step on one model and batch, interleaved."""
+    t = interleaved({"cot": step_fn(model, cot), "coconut": step_fn(model, last)}, repeats=repeats)
+    thoughts = int(last["latent_mask"].any(0).sum())
+    cot_s, coc_s = t["cot"]["min_s"], t["coconut"]["min_s"]
+    return {"batch": int(cot["input_ids"].shape[0]), "length": int(cot["input_ids"].shape[1]), "thoughts": thoughts,
+            "cot_ms": cot_s * 1000, "coconut_ms": coc_s * 1000, "time_vs_cot": coc_s / cot_s,
+            "median_time_vs_cot": t["coconut"]["median_s"] / t["cot"]["median_s"],
+            "extra_ms_per_thought_pass": (coc_s - cot_s) * 1000 / max(thoughts, 1)}
+
+
+def gemm_rows(in_features: int, out_features: int, rows: list[int], repeats: int = 7, inner: int = 10) -> list[dict]:
+    """Time per row of one linear layer's three training products (forward ``x W^T``,
+    input gradient ``g W``, weight gradient ``g^T x``) with ``rows`` rows each. A thought
+    pass has ``batch`` rows, the CoT pass ``batch x length``; their per-row ratio is how
+    much less efficiently the BLAS runs the thought passes' products."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=g)
+    fns = {}
+    for r in rows:
+        x, dy = torch.randn(r, in_features, generator=g), torch.randn(r, out_features, generator=g)
+
+        def products(x=x, dy=dy):
+            for _ in range(inner):
+                x @ w.t(), dy @ w, dy.t() @ x
+        fns[r] = products
+    t = interleaved(fns, repeats=repeats)
+    return [{"in_features": in_features, "out_features": out_features, "rows": r,
+             "us_per_row": t[r]["min_s"] / inner / r * 1e6} for r in rows]
+
+
+def attention_rows(batch: int, length: int, heads: int, kv_heads: int, head_dim: int, repeats: int = 7,
+                   inner: int = 5) -> list[dict]:
+    """Time per query row of SDPA forward + backward (as transformers calls it: grouped
+    query heads, no mask): one query against ``length`` keys, as in a thought pass, and
+    the causal ``length x length`` call of the CoT pass."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    fns, rows = {}, {"thought pass (1 query)": 1, "CoT pass (causal)": length}
+    for name, q_len in rows.items():
+        q = torch.randn(batch, heads, q_len, head_dim, generator=g, requires_grad=True)
+        k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=g, requires_grad=True) for _ in range(2))
+        dy = torch.randn(batch, heads, q_len, head_dim, generator=g)
+
+        def attend(q=q, k=k, v=v, dy=dy, causal=q_len > 1):
+            for _ in range(inner):
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True).backward(dy)
+        fns[name] = attend
+    t = interleaved(fns, repeats=repeats)
+    return [{"call": name, "batch": batch, "queries": batch * q_len, "keys": length,
+             "us_per_query": t[name]["min_s"] / inner / (batch * q_len) * 1e6} for name, q_len in rows.items()]
+
+
+def sweep_figure(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        pts = sorted((r["batch"], r["time_vs_cot"]) for r in rows if r["model"] == name)
+        x, y = zip(*pts)
+        ax.plot(x, y, marker="o", label=name)
+    ax.axhline(1.3, color="grey", ls="--", label="target 1.3x")
+    ax.set_xscale("log", base=2)
+    batches = sorted({r["batch"] for r in rows})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch (rows of each thought pass's products)")
+    ax.set_ylabel("Coconut last-stage step / CoT step")
+    ax.set_title(f"Coconut step cost vs batch ({torch.get_num_threads()} threads)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--c", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure SmolLM2-135M (batch 8, 48 tokens, 6 thoughts)")
+    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                    help="the ratio across batch sizes, and the per-row cost of the matrix products")
     args = ap.parse_args(argv)
     threads = set_threads()
+    t0 = time.perf_counter()
     model, cot, last = setup(args.batch, args.c)
     fns = {v: step_fn(model, cot if w == "cot" else last, **kw) for v, (w, kw) in VARIANTS.items()}
     t = interleaved(fns, repeats=args.repeats)
@@ -97,28 +191,69 @@ def main(argv=None):
     for r in rows:
         print(f"  {r['variant']:<26} {r['step_ms']:7.1f} ms  {r['time_vs_cot']:.2f}x CoT (target <= 1.3)   "
               f"saved for backward {r['saved_mb']:6.1f} MB  {r['memory_vs_cot']:.2f}x CoT (target <= 1.5)", flush=True)
-    real = real_model_cost(args.repeats) if args.real else []
+    sweep, gemm, attention = [], [], []
+    if args.sweep:
+        print("Coconut last stage vs CoT across batch sizes (tiny):", flush=True)
+        for b in (8, 32, 128, 512):
+            m, c_b, l_b = setup(b, args.c)
+            sweep.append({"model": "tiny", **pair_cost(m, c_b, l_b, args.repeats)})
+            _print_sweep(sweep[-1])
+        cfg = model.config
+        length = int(cot["input_ids"].shape[1])
+        gemm += [{"model": "tiny", **r} for r in
+                 gemm_rows(cfg.hidden_size, cfg.intermediate_size, [args.batch, args.batch * length])]
+        attention = [{"model": "tiny", **r} for r in
+                     attention_rows(args.batch, length, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                    cfg.hidden_size // cfg.num_attention_heads)]
+        for r in attention:
+            print(f"  tiny attention, {r['call']:<22} batch {r['batch']}, {r['keys']} keys: "
+                  f"{r['us_per_query']:.2f} us per query (forward + backward)", flush=True)
+    real = []
+    if args.real:
+        real, real_sweep, real_gemm = real_model_cost(args.repeats, sweep=args.sweep)
+        sweep += real_sweep
+        gemm += real_gemm
+    for r in gemm:
+        print(f"  {r['model']} {r['in_features']}x{r['out_features']} products with {r['rows']:5d} rows: "
+              f"{r['us_per_row']:.2f} us per row", flush=True)
+    if sweep:
+        sweep_figure(sweep, RESULTS / "coconut_cost_vs_batch.png")
+    print(f"({time.perf_counter() - t0:.0f} s)")
     save("coconut_training_cost", {"batch": args.batch, "c": args.c, "rows": rows, "real_model": real,
+                                   "sweep": sweep, "gemm_rows": gemm, "attention_rows": attention,
                                    "targets": {"time_vs_cot": 1.3, "memory_vs_cot": 1.5}})
 
 
-def real_model_cost(repeats: int, batch: int = 8, length: int = 48, thoughts: int = 6) -> list[dict]:
-    """The same ratio on SmolLM2-135M: ``thoughts`` consecutive thought columns in the
-    middle of a ``length``-token sequence against the same sequence written out."""
-    from latentlib.presets import load_model
+def _print_sweep(r: dict) -> None:
+    print(f"  {r['model']:<13} batch {r['batch']:4d}: CoT {r['cot_ms']:7.1f} ms, Coconut {r['coconut_ms']:7.1f} ms, "
+          f"{r['time_vs_cot']:.2f}x (median of runs {r['median_time_vs_cot']:.2f}x); "
+          f"{r['extra_ms_per_thought_pass']:.1f} ms extra per thought pass", flush=True)
 
-    model, tok = load_model("smollm2-135m")
-    add_special_tokens(model, tok)
-    model.train()
+
+def real_batches(batch: int, length: int, thoughts: int) -> tuple[dict, dict]:
+    """A CoT batch and a Coconut one on random tokens: ``thoughts`` consecutive thought
+    columns in the middle of a ``length``-token sequence, against the same sequence written out."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 10000, (batch, length), generator=g)
     mask = torch.ones_like(ids)
     latent = torch.zeros(batch, length, dtype=torch.bool)
     latent[:, length // 2 - thoughts // 2: length // 2 - thoughts // 2 + thoughts] = True
     labels = ids.masked_fill(latent, -100)
-    batches = {"cot": {"input_ids": ids, "attention_mask": mask, "latent_mask": torch.zeros_like(latent),
-                       "labels": labels},
-               "coconut": {"input_ids": ids, "attention_mask": mask, "latent_mask": latent, "labels": labels}}
+    cot = {"input_ids": ids, "attention_mask": mask, "latent_mask": torch.zeros_like(latent), "labels": labels}
+    return cot, {**cot, "latent_mask": latent}
+
+
+def real_model_cost(repeats: int, batch: int = 8, length: int = 48, thoughts: int = 6,
+                    sweep: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
+    """The same ratio on SmolLM2-135M (time and memory at ``batch``), and, with ``sweep``,
+    the time ratio at batch 2 and 32 and the per-row cost of its MLP products."""
+    from latentlib.presets import load_model
+
+    model, tok = load_model("smollm2-135m")
+    add_special_tokens(model, tok)
+    model.train()
+    cot, last = real_batches(batch, length, thoughts)
+    batches = {"cot": cot, "coconut": last}
     t = interleaved({k: step_fn(model, b) for k, b in batches.items()}, repeats=max(2, repeats // 2))
     mem = {k: saved_bytes(model, b) for k, b in batches.items()}
     rows = [{"variant": k, "batch": batch, "length": length, "thoughts": thoughts if k == "coconut" else 0,
@@ -127,7 +262,20 @@ def real_model_cost(repeats: int, batch: int = 8, length: int = 48, thoughts: in
     for r in rows:
         print(f"  smollm2-135m {r['variant']:<8} {r['step_ms']:7.0f} ms  {r['time_vs_cot']:.2f}x CoT   "
               f"saved for backward {r['saved_mb']:6.1f} MB  {r['memory_vs_cot']:.2f}x CoT", flush=True)
-    return rows
+    if not sweep:
+        return rows, [], []
+    found = [{"model": "smollm2-135m", "batch": batch, "length": length, "thoughts": thoughts,
+              "cot_ms": rows[0]["step_ms"], "coconut_ms": rows[1]["step_ms"], "time_vs_cot": rows[1]["time_vs_cot"],
+              "median_time_vs_cot": t["coconut"]["median_s"] / t["cot"]["median_s"],
+              "extra_ms_per_thought_pass": (rows[1]["step_ms"] - rows[0]["step_ms"]) / thoughts}]
+    for b in (2, 32):
+        found.append({"model": "smollm2-135m", **pair_cost(model, *real_batches(b, length, thoughts), repeats=2)})
+        _print_sweep(found[-1])
+    found.sort(key=lambda r: r["batch"])
+    cfg = model.config
+    gemm = [{"model": "smollm2-135m", **r} for r in
+            gemm_rows(cfg.hidden_size, cfg.intermediate_size, [batch, batch * length], repeats=5, inner=3)]
+    return rows, found, gemm
 
 
 if __name__ == "__main__":
