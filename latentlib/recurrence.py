@@ -32,12 +32,14 @@ the text token after it.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentlib.deferred_grads import DeferredWeightGrads
 from latentlib.injection import HiddenLayer, Injector
 
 __all__ = ["LatentOutput", "Trace", "position_ids_for", "latent_forward", "generate", "sample_tokens"]
@@ -93,7 +95,8 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
                    latent_mask: torch.Tensor, *, injector: Injector | None = None,
                    position_ids: torch.Tensor | None = None, latent_positions: str = "continue",
                    inputs_embeds: torch.Tensor | None = None, tbptt: int | None = None,
-                   checkpoint: bool = False, capture_layers: tuple[int, ...] = ()) -> LatentOutput:
+                   checkpoint: bool = False, capture_layers: tuple[int, ...] = (),
+                   defer_weight_grads: bool = True) -> LatentOutput:
     """Training/scoring forward where ``latent_mask`` positions take injected vectors.
 
     ``input_ids`` holds any placeholder id at latent positions (it is not read there).
@@ -101,8 +104,11 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     random prefixes. ``capture_layers`` returns those layers' hidden states for every
     position. ``checkpoint=True`` recomputes each chunk's activations in the backward
     instead of storing them (activation checkpointing at chunk granularity: transformers'
-    own gradient checkpointing drops the KV cache, which the recurrence needs). With no
-    latent position this is exactly one plain forward.
+    own gradient checkpointing drops the KV cache, which the recurrence needs).
+    ``defer_weight_grads`` computes the thought passes' weight gradients as one product
+    per weight where that is faster (few rows against the weight's size; see
+    :mod:`latentlib.deferred_grads`): the gradients are the same up to float rounding. With
+    no latent position this is exactly one plain forward.
     """
     injector = injector if injector is not None else HiddenLayer(-1)
     latent_mask = latent_mask.bool()
@@ -128,6 +134,10 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     # chunk: on SmolLM2-135M, with its 49k vocabulary, a 6-thought step went from 1.56x to
     # 1.46x a CoT step).
     decoder = _plain_decoder(model) if latent_cols else None
+    deferred = None
+    if defer_weight_grads and latent_cols and torch.is_grad_enabled() and not checkpoint:
+        # only weights worth it for a one-column pass of this batch (else no routing at all)
+        deferred = DeferredWeightGrads(decoder if decoder is not None else model, rows=B) or None
     for start, end in zip(bounds[:-1], bounds[1:]):
         chunk = embeds[:, start:end]  # (B, t, D)
         if start in latent_cols:
@@ -148,16 +158,17 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             chunk_logits, states, cache = _checkpointed_chunk(model, chunk, chunk_mask,
                                                               position_ids[:, start:end], cache)
             logits.append(chunk_logits)
-        elif decoder is not None:  # the LM head runs once on every position after the loop
-            out = decoder(inputs_embeds=chunk, attention_mask=chunk_mask, position_ids=position_ids[:, start:end],
-                          past_key_values=cache, use_cache=True, output_hidden_states=True)
-            states, cache = out.hidden_states, out.past_key_values
         else:
-            out = model(inputs_embeds=chunk, attention_mask=chunk_mask,
-                        position_ids=position_ids[:, start:end], past_key_values=cache,
-                        use_cache=True, output_hidden_states=True)
-            chunk_logits, states, cache = out.logits, out.hidden_states, out.past_key_values
-            logits.append(chunk_logits)
+            # every chunk routes its weight gradients to one product per weight (see deferred_grads)
+            route = deferred.active() if deferred is not None else nullcontext()
+            with route:
+                out = (decoder if decoder is not None else model)(
+                    inputs_embeds=chunk, attention_mask=chunk_mask, position_ids=position_ids[:, start:end],
+                    past_key_values=cache, use_cache=True, output_hidden_states=True)
+            states, cache = out.hidden_states, out.past_key_values
+            if decoder is None:
+                logits.append(out.logits)
+            # else the LM head runs once on every position after the loop
         hidden.append(states[-1])
         for k in capture_layers:
             layers[k].append(states[k])
