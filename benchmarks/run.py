@@ -61,6 +61,13 @@ def summary() -> str:
             lines.append(f"| smollm2-135m {r['variant']} (batch {r['batch']}, {r['length']} tokens, "
                          f"{r['thoughts']} thoughts) | {r['step_ms']:.0f} | {_ok(r['time_vs_cot'], 1.3, False)} | "
                          f"{r['saved_mb']:.1f} | {_ok(r['memory_vs_cot'], 1.5, False)} |")
+        if d.get("profile"):
+            pr = d["profile"]
+            lines.append(f"\nWhere the time goes (torch.profiler, self CPU time per step, batch {d['batch']}):\n")
+            lines.append("| step | matrix products ms | attention ms | everything else ms | operator calls |\n"
+                         "|---|---|---|---|---|")
+            lines += [f"| {k} | {v['matrix_products_ms']:.1f} | {v['attention_ms']:.1f} | {v['other_ms']:.1f} | "
+                      f"{v['op_calls']} |" for k, v in pr.items()]
         if d.get("sweep"):
             lines.append("\nThe same ratio across batch sizes (`coconut_cost_vs_batch.png`). A thought pass runs the "
                          "layers on `batch` rows, the CoT pass on `batch x length` rows:\n")

@@ -11,6 +11,8 @@ peak counter, and the process's peak resident set is dominated by the libraries.
 
 Where the extra time of a Coconut step goes, measured rather than assumed:
 
+- **Profile** (:func:`profile_split`): torch.profiler's self CPU time of one step of
+  each, split into matrix products, attention and everything else, with operator calls.
 - **Across batch sizes** (``--sweep``): the same two steps at several batches, with the
   extra time per thought pass. A thought pass cannot start before the previous one has
   finished (it reads its last hidden state), so each runs its layers on ``batch`` rows;
@@ -144,6 +146,34 @@ def attention_rows(batch: int, length: int, heads: int, kv_heads: int, head_dim:
              "us_per_query": t[name]["min_s"] / inner / (batch * q_len) * 1e6} for name, q_len in rows.items()]
 
 
+def profile_split(model, batches: dict[str, dict], steps: int = 3) -> dict[str, dict]:
+    """Where a step's time goes, by torch.profiler: self CPU time of the matrix products,
+    of attention, and of everything else (elementwise ops, autograd bookkeeping), with the
+    number of operator calls, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, batch in batches.items():
+        fn = step_fn(model, batch)
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fn()
+        split = {"matrix_products_ms": 0.0, "attention_ms": 0.0, "other_ms": 0.0, "op_calls": 0}
+        for e in prof.key_averages():
+            ms = e.self_cpu_time_total / 1000 / steps
+            if e.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+                split["matrix_products_ms"] += ms
+            elif "scaled_dot_product" in e.key.lower():
+                split["attention_ms"] += ms
+            else:
+                split["other_ms"] += ms
+            if e.key.startswith("aten::"):
+                split["op_calls"] += e.count // steps
+        out[name] = split
+    return out
+
+
 def sweep_figure(rows: list[dict], path) -> None:
     import matplotlib
 
@@ -191,6 +221,11 @@ def main(argv=None):
     for r in rows:
         print(f"  {r['variant']:<26} {r['step_ms']:7.1f} ms  {r['time_vs_cot']:.2f}x CoT (target <= 1.3)   "
               f"saved for backward {r['saved_mb']:6.1f} MB  {r['memory_vs_cot']:.2f}x CoT (target <= 1.5)", flush=True)
+    split = profile_split(model, {"cot": cot, "coconut": last})
+    for k, v in split.items():
+        print(f"  profile of a {k} step: matrix products {v['matrix_products_ms']:.1f} ms, attention "
+              f"{v['attention_ms']:.1f} ms, everything else {v['other_ms']:.1f} ms; {v['op_calls']} operator calls",
+              flush=True)
     sweep, gemm, attention = [], [], []
     if args.sweep:
         print("Coconut last stage vs CoT across batch sizes (tiny):", flush=True)
@@ -220,7 +255,7 @@ def main(argv=None):
         sweep_figure(sweep, RESULTS / "coconut_cost_vs_batch.png")
     print(f"({time.perf_counter() - t0:.0f} s)")
     save("coconut_training_cost", {"batch": args.batch, "c": args.c, "rows": rows, "real_model": real,
-                                   "sweep": sweep, "gemm_rows": gemm, "attention_rows": attention,
+                                   "profile": split, "sweep": sweep, "gemm_rows": gemm, "attention_rows": attention,
                                    "targets": {"time_vs_cot": 1.3, "memory_vs_cot": 1.5}})
 
 

@@ -14,7 +14,9 @@ cache carrying the past, so a batch with ``n`` aligned thoughts costs one full p
 ``n`` single-column passes (the same number of passes as Coconut, each over new columns
 only, with the embeddings built by tensor ops instead of per-element Python lists).
 Gradients flow through every thought and through the cache; ``tbptt`` cuts the
-thought-to-thought path every ``tbptt`` thoughts.
+thought-to-thought path every ``tbptt`` thoughts. The LM head runs once over all
+positions after the chunks, and large weights' gradients are one product over all
+chunks' rows (:mod:`latentlib.deferred_grads`) rather than one small product per pass.
 
 Generation (:func:`generate`). One forward of one column per step for the whole batch.
 Before each step a *policy* (see :mod:`latentlib.policies`) looks at each sequence's
