@@ -72,11 +72,26 @@ VARIANTS = {
 }
 
 
+def deferred_stash_bytes(model, batch, defer_weight_grads: bool = True, **kw) -> int:
+    """Bytes of output gradients that deferred weight gradients hold during the backward
+    until each weight's one product (:mod:`latentlib.deferred_grads`): every routed linear
+    keeps its ``(rows, out_features)`` gradient for all of the forward's rows. Zero when no
+    weight is routed (the tiny model, or ``defer_weight_grads=False``)."""
+    from latentlib.deferred_grads import DeferredWeightGrads
+
+    B, T = batch["input_ids"].shape
+    if not defer_weight_grads or not batch["latent_mask"].any() or kw.get("checkpoint"):
+        return 0
+    routed = DeferredWeightGrads(model.get_decoder(), rows=B)._weights.values()
+    return sum(B * T * w.shape[0] * w.element_size() for w in routed)
+
+
 def saved_bytes(model, batch, **kw) -> int:
     """Bytes of the distinct storages autograd keeps for the backward of one step: the
     activation memory that tbptt and checkpointing act on (weights and optimizer state are
     the same for every variant). With non-reentrant checkpointing the recomputed region
-    saves under its own hooks, so only what is really kept is counted."""
+    saves under its own hooks, so only what is really kept is counted. The output
+    gradients held for deferred weight gradients are added (:func:`deferred_stash_bytes`)."""
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -89,7 +104,7 @@ def saved_bytes(model, batch, **kw) -> int:
         out = latent_forward(model, batch["input_ids"], batch["attention_mask"], batch["latent_mask"], **kw)
         loss = token_loss(out.logits, batch["labels"])
     loss.backward()
-    return sum(seen.values())
+    return sum(seen.values()) + deferred_stash_bytes(model, batch, **kw)
 
 
 def pair_cost(model, cot, last, repeats: int) -> dict:
@@ -288,14 +303,17 @@ def real_model_cost(repeats: int, batch: int = 8, length: int = 48, thoughts: in
     add_special_tokens(model, tok)
     model.train()
     cot, last = real_batches(batch, length, thoughts)
-    batches = {"cot": cot, "coconut": last}
-    t = interleaved({k: step_fn(model, b) for k, b in batches.items()}, repeats=max(2, repeats // 2))
-    mem = {k: saved_bytes(model, b) for k, b in batches.items()}
-    rows = [{"variant": k, "batch": batch, "length": length, "thoughts": thoughts if k == "coconut" else 0,
+    # the engine as it runs, and with the thought passes' weight gradients computed per pass
+    # (defer_weight_grads=False), to show what deferring them saves
+    variants = {"cot": (cot, {}), "coconut": (last, {}),
+                "coconut_per_pass_weight_grads": (last, {"defer_weight_grads": False})}
+    t = interleaved({k: step_fn(model, b, **kw) for k, (b, kw) in variants.items()}, repeats=max(3, repeats // 2))
+    mem = {k: saved_bytes(model, b, **kw) for k, (b, kw) in variants.items()}
+    rows = [{"variant": k, "batch": batch, "length": length, "thoughts": thoughts if k != "cot" else 0,
              "step_ms": t[k]["min_s"] * 1000, "time_vs_cot": t[k]["min_s"] / t["cot"]["min_s"],
-             "saved_mb": mem[k] / 2**20, "memory_vs_cot": mem[k] / mem["cot"]} for k in batches]
+             "saved_mb": mem[k] / 2**20, "memory_vs_cot": mem[k] / mem["cot"]} for k in variants]
     for r in rows:
-        print(f"  smollm2-135m {r['variant']:<8} {r['step_ms']:7.0f} ms  {r['time_vs_cot']:.2f}x CoT   "
+        print(f"  smollm2-135m {r['variant']:<29} {r['step_ms']:7.0f} ms  {r['time_vs_cot']:.2f}x CoT   "
               f"saved for backward {r['saved_mb']:6.1f} MB  {r['memory_vs_cot']:.2f}x CoT", flush=True)
     if not sweep:
         return rows, [], []
