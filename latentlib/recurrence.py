@@ -38,7 +38,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from latentlib.deferred_grads import DeferredWeightGrads
