@@ -74,16 +74,14 @@ VARIANTS = {
 
 def deferred_stash_bytes(model, batch, defer_weight_grads: bool = True, **kw) -> int:
     """Bytes of output gradients that deferred weight gradients hold during the backward
-    until each weight's one product (:mod:`latentlib.deferred_grads`): every routed linear
-    keeps its ``(rows, out_features)`` gradient for all of the forward's rows. Zero when no
-    weight is routed (the tiny model, or ``defer_weight_grads=False``)."""
+    until each weight's one product (:mod:`latentlib.deferred_grads`). Zero when no weight
+    is routed (the tiny model, or ``defer_weight_grads=False``)."""
     from latentlib.deferred_grads import DeferredWeightGrads
 
     B, T = batch["input_ids"].shape
     if not defer_weight_grads or not batch["latent_mask"].any() or kw.get("checkpoint"):
         return 0
-    routed = DeferredWeightGrads(model.get_decoder(), rows=B)._weights.values()
-    return sum(B * T * w.shape[0] * w.element_size() for w in routed)
+    return DeferredWeightGrads(model.get_decoder(), rows=B).held_bytes(B * T)
 
 
 def saved_bytes(model, batch, **kw) -> int:
@@ -110,6 +108,11 @@ def saved_bytes(model, batch, **kw) -> int:
 def pair_cost(model, cot, last, repeats: int) -> dict:
     """CoT step against Coconut last-stage step on one model and batch, interleaved."""
     t = interleaved({"cot": step_fn(model, cot), "coconut": step_fn(model, last)}, repeats=repeats)
+    return pair_row(t, cot, last)
+
+
+def pair_row(t: dict, cot: dict, last: dict) -> dict:
+    """The sweep's row from :func:`~benchmarks.common.interleaved` timings with "cot" and "coconut" keys."""
     thoughts = int(last["latent_mask"].any(0).sum())
     cot_s, coc_s = t["cot"]["min_s"], t["coconut"]["min_s"]
     return {"batch": int(cot["input_ids"].shape[0]), "length": int(cot["input_ids"].shape[1]), "thoughts": thoughts,
@@ -245,8 +248,11 @@ def main(argv=None):
     if args.sweep:
         print("Coconut last stage vs CoT across batch sizes (tiny):", flush=True)
         for b in (8, 32, 128, 512):
-            m, c_b, l_b = setup(b, args.c)
-            sweep.append({"model": "tiny", **pair_cost(m, c_b, l_b, args.repeats)})
+            if b == args.batch:  # already timed above, side by side with the other variants
+                row = pair_row(t, cot, last)
+            else:
+                row = pair_cost(*setup(b, args.c), args.repeats)
+            sweep.append({"model": "tiny", **row})
             _print_sweep(sweep[-1])
         cfg = model.config
         length = int(cot["input_ids"].shape[1])
@@ -317,10 +323,7 @@ def real_model_cost(repeats: int, batch: int = 8, length: int = 48, thoughts: in
               f"saved for backward {r['saved_mb']:6.1f} MB  {r['memory_vs_cot']:.2f}x CoT", flush=True)
     if not sweep:
         return rows, [], []
-    found = [{"model": "smollm2-135m", "batch": batch, "length": length, "thoughts": thoughts,
-              "cot_ms": rows[0]["step_ms"], "coconut_ms": rows[1]["step_ms"], "time_vs_cot": rows[1]["time_vs_cot"],
-              "median_time_vs_cot": t["coconut"]["median_s"] / t["cot"]["median_s"],
-              "extra_ms_per_thought_pass": (rows[1]["step_ms"] - rows[0]["step_ms"]) / thoughts}]
+    found = [{"model": "smollm2-135m", **pair_row(t, cot, last)}]
     for b in (2, 32):
         found.append({"model": "smollm2-135m", **pair_cost(model, *real_batches(b, length, thoughts), repeats=2)})
         _print_sweep(found[-1])

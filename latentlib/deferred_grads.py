@@ -108,10 +108,14 @@ class DeferredWeightGrads:
         self._weights = {id(m.weight): m.weight for m in module.modules()
                          if isinstance(m, nn.Linear) and m.weight.requires_grad and worth_deferring(rows, m.weight)}
         self._sinks: dict[int, tuple[torch.Tensor, tuple[list, list]]] = {}
-        self.deferred_calls = 0
 
     def __bool__(self) -> bool:
         return bool(self._weights)
+
+    def held_bytes(self, rows: int) -> int:
+        """Bytes of output gradients held until the weight products, for a forward of
+        ``rows`` rows in all (every routed linear keeps its ``(rows, out_features)`` gradient)."""
+        return sum(rows * w.shape[0] * w.element_size() for w in self._weights.values())
 
     def _sink(self, weight: torch.Tensor):
         entry = self._sinks.get(id(weight))
@@ -137,6 +141,5 @@ class _Route(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if id(weight) in self.deferred._weights and torch.is_grad_enabled():
                 alias, stash = self.deferred._sink(weight)
-                self.deferred.deferred_calls += 1
                 return _LinearInputGrad.apply(x, alias, bias, stash)
         return func(*args, **kwargs)

@@ -46,7 +46,8 @@ def test_only_large_weights_with_few_rows_are_deferred(wide):
     assert not worth_deferring(33, mlp.up_proj.weight)  # 33 x 4 rows > the 128-wide side
     assert not worth_deferring(4, wide.model.layers[0].self_attn.q_proj.weight)  # 16k elements
     table = DeferredWeightGrads(wide.model, rows=4)
-    assert len(table._weights) == 3 * 2  # gate, up, down of both layers
+    # gate, up, down of both layers: each holds its (rows, out_features) float32 output gradient
+    assert table.held_bytes(10) == 10 * 4 * 2 * (1024 + 1024 + 128)
     assert not DeferredWeightGrads(wide.model, rows=128)
 
 
