@@ -18,7 +18,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import interleaved, save, set_threads
 from latentlib import artifacts
@@ -26,9 +25,10 @@ from latentlib.batching import collate, encode_record, prompt_batch
 from latentlib.policies import LATENT, ScriptedPolicy
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer
 from latentlib.recurrence import generate, latent_forward, position_ids_for
-from latentlib.tasks import ChainConfig, chain_vocabulary, make_chain_splits
+from latentlib.tasks import ChainConfig, Format, chain_vocabulary, make_chain_splits
 from latentlib.tokens import add_special_tokens
-from latentlib.training.base import load_model_dir, token_loss
+from latentlib.artifacts import load_model_dir
+from latentlib.training.losses import token_loss
 
 
 def load_tiny(run: str = "tiny"):
@@ -87,7 +87,7 @@ def engine_decode(model, prompts, n_thoughts, bot, eot, eos, pad, max_new, batch
 def bench_eval(model, tok, records, n_thoughts: int, max_new: int = 4) -> dict:
     ids = tok.get_vocab()
     bot, eot, eos, pad = ids["<bot>"], ids["<eot>"], tok.eos_token_id, tok.pad_token_id
-    prompts = [list(encode_record(tok, r, " ").question) for r in records]
+    prompts = [list(encode_record(tok, r, Format(" ")).question) for r in records]
     t0 = time.perf_counter()
     ref = [reference_decode(model, p, n_thoughts, bot, eot, eos, max_new) for p in prompts]
     t_ref = time.perf_counter() - t0
@@ -150,7 +150,7 @@ def stage_batch(tok, records, n_removed: int, c: int = 1):
     ids = tok.get_vocab()
     examples = []
     for r in records:
-        enc = encode_record(tok, r, " ")
+        enc = encode_record(tok, r, Format(" "))
         rest = tuple(t for s in enc.steps[n_removed:] for t in s)
         examples.append([("prompt", enc.question), ("prompt", (ids["<bot>"],)),
                          ("latent", (ids["<latent>"],) * (n_removed * c)), ("prompt", (ids["<eot>"],)),

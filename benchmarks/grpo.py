@@ -21,30 +21,25 @@ import torch
 from benchmarks.common import interleaved, save, set_threads
 from latentlib import artifacts
 from latentlib.methods import switch as sw
-from latentlib.training import grpo
-from latentlib.training.switch_stages import task_splits
+from latentlib.methods.switch import grpo
+from latentlib.presets import get_preset, load_model
+from latentlib.tasks import TaskConfig, load_task
+from latentlib.tokens import add_special_tokens
 
 
 def load(run: str):
-    from latentlib.presets import get_preset
-
     preset = get_preset("tiny")
     d = artifacts.artifact_dir(run, "curriculum", "switch_phase2")
     if artifacts.is_complete(d):
         model, tok = sw.load_switch_model(d)
         return model, tok, sw.load_switch_config(d), f"{d} (trained SWITCH phase 2)", preset
-    from latentlib.presets import load_model
-    from latentlib.tasks import ChainConfig
-    from latentlib.tokens import add_special_tokens
-    from latentlib.training.base import chain_task
-
-    _, words = chain_task(ChainConfig(n_train=10, n_test=10))
-    model, tok = load_model("tiny", words=words, seed=0)
+    words = load_task(TaskConfig(n_train=10, n_test=10), preset.step_separator).words
+    model, tok = load_model("tiny", words=list(words), seed=0)
     add_special_tokens(model, tok)
     return model, tok, sw.SwitchConfig(k_min=2, positions="block"), "untrained tiny model (no run found)", preset
 
 
-def step_breakdown(model, tok, switch_cfg, records, G: int, B: int, repeats: int, sep: str) -> dict:
+def step_breakdown(model, tok, switch_cfg, records, G: int, B: int, repeats: int, fmt) -> dict:
     cfg = grpo.SwitchGRPOConfig(num_generations=G, generation_batch_size=G * B, max_completion_length=40,
                                 temperature=1.0, beta=1e-3)
     ids = sw.switch_ids(tok)
@@ -52,14 +47,14 @@ def step_breakdown(model, tok, switch_cfg, records, G: int, B: int, repeats: int
     ref = copy.deepcopy(model).eval()
     chunk = records[:B]
     seeds = list(range(G * B))
-    batch = grpo.rollout(model, tok, chunk, cfg, switch_cfg, seeds=seeds, separator=sep)
+    batch = grpo.rollout(model, tok, chunk, cfg, switch_cfg, fmt, seeds=seeds)
 
     def do_rollout():
-        grpo.rollout(model, tok, chunk, cfg, switch_cfg, seeds=seeds, separator=sep)
+        grpo.rollout(model, tok, chunk, cfg, switch_cfg, fmt, seeds=seeds)
 
     def do_rollout_looped():  # one engine call per prompt group
         for i, r in enumerate(chunk):
-            grpo.rollout(model, tok, [r], cfg, switch_cfg, seeds=seeds[i * G:(i + 1) * G], separator=sep)
+            grpo.rollout(model, tok, [r], cfg, switch_cfg, fmt, seeds=seeds[i * G:(i + 1) * G])
 
     def do_ref():
         with torch.no_grad():
@@ -100,10 +95,10 @@ def main(argv=None):
     threads = set_threads()
     model, tok, switch_cfg, source, preset = load(args.run)
     print(f"threads: {threads}; model: {source}")
-    records = task_splits(preset, seed=0, n_train=2000, n_test=500).test
+    task = load_task(TaskConfig(n_train=2000, n_test=500), preset.step_separator)
     t0 = time.perf_counter()
-    rows = [step_breakdown(model, tok, switch_cfg, records, *map(int, g.split("x")), args.repeats,
-                           preset.step_separator) for g in args.groups.split(",")]
+    rows = [step_breakdown(model, tok, switch_cfg, task.splits.test, *map(int, g.split("x")), args.repeats,
+                           task.format) for g in args.groups.split(",")]
     save("grpo_step", {"model": source, "rows": rows, "seconds": time.perf_counter() - t0})
     return rows
 

@@ -100,7 +100,7 @@ def summary() -> str:
     p = ROOT / "reports" / "tiny" / "pipeline.json"
     if p.exists():
         d = json.loads(p.read_text())
-        lines.append(f"\n## The whole pipeline (`make pipeline`, reports/tiny/pipeline.json)\n")
+        lines.append("\n## The whole pipeline (`make pipeline`, reports/tiny/pipeline.json)\n")
         lines.append("| notebook | status | seconds |\n|---|---|---|")
         lines += [f"| {r['stage']} | {r['status']} | {r.get('seconds', 0):.0f} |" for r in d["stages"]]
         lines.append(f"| total | | {_ok(d['total_seconds'] / 60, 20, False)} min |")

@@ -33,12 +33,12 @@ import time
 import torch
 
 from benchmarks.common import RESULTS, interleaved, save, set_threads
-from latentlib.batching import collate, encode_record
+from latentlib.batching import collate, cot_segments, encode_record
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer
 from latentlib.recurrence import latent_forward
-from latentlib.tasks import ChainConfig, chain_vocabulary, make_chain_splits
+from latentlib.tasks import ChainConfig, Format, chain_vocabulary, make_chain_splits
 from latentlib.tokens import add_special_tokens
-from latentlib.training.base import cot_segments, token_loss
+from latentlib.training.losses import token_loss
 
 
 def setup(batch: int, c: int):
@@ -47,7 +47,7 @@ def setup(batch: int, c: int):
     model = build_tiny_model(len(tok), Preset("tiny", "scratch"))
     ids = add_special_tokens(model, tok)
     model.train()
-    encoded = [encode_record(tok, r, " ") for r in make_chain_splits(cfg).train[:batch]]
+    encoded = [encode_record(tok, r, Format(" ")) for r in make_chain_splits(cfg).train[:batch]]
     bot, eot = ids["<bot>"], ids["<eot>"]
     cot = collate([cot_segments(e, (bot, eot)) for e in encoded], tok.pad_token_id)
     last = collate([[("prompt", e.question), ("prompt", (bot,)), ("latent", (ids["<latent>"],) * (len(e.steps) * c)),

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 __all__ = ["runs_root", "stage_dir", "artifact_dir", "MissingArtifactError", "CorruptArtifactError",
            "atomic_dir", "write_complete", "is_complete", "require_artifact", "save_tree", "load_tree",
            "save_json", "load_json", "versions", "rng_state", "set_rng_state", "save_state_dict",
-           "load_state_dict_file"]
+           "load_state_dict_file", "save_model", "load_model_dir", "read_meta"]
 
 COMPLETE = "COMPLETE"
 
@@ -145,6 +145,11 @@ def require_artifact(run: str, stage: str, name: str, *, made_by: str) -> Path:
     return d
 
 
+def read_meta(directory: Path) -> dict:
+    """The metadata a complete artifact's ``COMPLETE`` marker holds."""
+    return load_json(Path(directory) / COMPLETE)
+
+
 def load_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
@@ -244,3 +249,27 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     np.random.set_state(tuple(state["numpy"]))
+
+
+# ---------------------------------------------------------------------------- whole models
+
+
+def save_model(model, tokenizer, directory: Path, meta: dict) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer, atomically, with a completion marker."""
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_complete(tmp, meta)
+
+
+def load_model_dir(directory: Path):
+    """``(model, tokenizer)`` saved by :func:`save_model` (safetensors only), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not is_complete(directory):
+        raise MissingArtifactError(f"{directory} is not a complete saved model")
+    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.padding_side = "left"
+    model.eval()
+    return model, tokenizer

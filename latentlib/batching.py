@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Encoded", "encode_record", "Segment", "collate", "prompt_batch", "IGNORE"]
+from latentlib.tasks.task import Format
+
+__all__ = ["Encoded", "encode_record", "Segment", "cot_segments", "nocot_segments", "collate", "prompt_batch",
+           "IGNORE"]
 
 IGNORE = -100  # label of positions without loss (the convention of torch and transformers)
 
@@ -31,9 +34,10 @@ class Encoded:
     answer: tuple[int, ...]  # "#### <answer>" + eos
 
 
-def encode_record(tokenizer, record, separator: str = "\n") -> Encoded:
+def encode_record(tokenizer, record, fmt: Format) -> Encoded:
     """Tokenises question, each step and the answer separately (as Coconut does), so that
-    a step can be removed or replaced without re-tokenising its neighbours."""
+    a step can be removed or replaced without re-tokenising its neighbours. ``fmt``: the
+    task's :class:`~latentlib.tasks.task.Format` (``task.format``)."""
 
     def ids(text):
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -42,14 +46,30 @@ def encode_record(tokenizer, record, separator: str = "\n") -> Encoded:
     if eos is None:
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token before encoding records")
     return Encoded(
-        question=ids(record.question + separator),
-        steps=tuple(ids(step + separator) for step in record.steps),
-        answer=ids(f"#### {record.answer}") + (eos,),
+        question=ids(fmt.question(record)),
+        steps=tuple(ids(step) for step in fmt.steps(record)),
+        answer=ids(fmt.answer(record)) + (eos,),
     )
 
 
 Segment = tuple[str, tuple[int, ...] | list[int]]  # (role, ids)
 _ROLES = ("prompt", "latent", "target")
+
+
+def cot_segments(enc: Encoded, markers: tuple[int, int] | None = None) -> list[Segment]:
+    """The CoT format: question (no loss), the written steps and the answer (loss).
+    ``markers``: an empty ``<bot><eot>`` pair forced after the question (no loss)."""
+    segs: list[Segment] = [("prompt", enc.question)]
+    if markers is not None:
+        segs.append(("prompt", markers))  # the model never has to write the markers: they are forced
+    segs.append(("target", tuple(t for s in enc.steps for t in s)))
+    segs.append(("target", enc.answer))
+    return segs
+
+
+def nocot_segments(enc: Encoded) -> list[Segment]:
+    """The no-CoT format: question (no loss), then straight to the answer."""
+    return [("prompt", enc.question), ("target", enc.answer)]
 
 
 def collate(examples: list[list[Segment]], pad_id: int, *, align: str = "end") -> dict[str, torch.Tensor]:

@@ -20,10 +20,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from latentlib.batching import prompt_batch
+from latentlib import artifacts
+from latentlib.batching import encode_record, prompt_batch
 from latentlib.policies import TextPolicy
 from latentlib.recurrence import generate
-from latentlib.tasks import extract_flexible, extract_strict, grade
+from latentlib.tasks import Format, extract_flexible, extract_strict, grade
 
 __all__ = ["EvalSpec", "generate_batch", "evaluate", "summarize", "checked_view", "record_evaluation", "collect_evaluations"]
 
@@ -33,7 +34,7 @@ class EvalSpec:
     """How to run one method at evaluation time."""
 
     name: str  # the method's row label
-    prompt: Callable = None  # record -> prompt token ids (default: the encoded question)
+    prompt: Callable = None  # record -> prompt token ids (default: the question encoded in the task's format)
     policy: Callable = None  # list[record] -> policy (default: plain decoding)
     injector: object = None  # the injector (default hs[-1])
     latent_positions: str = "continue"  # position scheme for thoughts
@@ -64,14 +65,12 @@ def generate_batch(model, tokenizer, chunk: Sequence, spec: EvalSpec, prompt_of:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, *, batch_size: int = 64,
-             encode: Callable | None = None, progress: bool = True) -> pd.DataFrame:
+def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, fmt: Format, *, batch_size: int = 64,
+             progress: bool = True) -> pd.DataFrame:
     """One row per problem: prediction text, correctness (strict and flexible), visible
-    tokens, latent steps and the batch's wall time divided among its problems."""
-    from latentlib.batching import encode_record
-
-    encode = encode or (lambda r: encode_record(tokenizer, r))
-    prompt_of = spec.prompt or (lambda r: encode(r).question)
+    tokens, latent steps and the batch's wall time divided among its problems. ``fmt``:
+    the task's format (prompts are the questions written in it, unless ``spec.prompt``)."""
+    prompt_of = spec.prompt or (lambda r: encode_record(tokenizer, r, fmt).question)
     special = set(tokenizer.all_special_ids)
     rows = []
     model.eval()
@@ -124,8 +123,6 @@ def record_evaluation(run: str, df: pd.DataFrame, *, stage: str) -> None:
     One CSV per method under ``runs/<run>/eval/``, written atomically; re-running a stage
     replaces its methods' rows.
     """
-    from latentlib import artifacts
-
     out = artifacts.stage_dir(run, "eval")
     out.mkdir(parents=True, exist_ok=True)
     for method, rows in df.groupby("method", sort=False):
@@ -138,8 +135,6 @@ def record_evaluation(run: str, df: pd.DataFrame, *, stage: str) -> None:
 
 def collect_evaluations(run: str) -> pd.DataFrame:
     """Every method's per-problem rows recorded for the run (empty if none)."""
-    from latentlib import artifacts
-
     files = sorted(artifacts.stage_dir(run, "eval").glob("*.csv"))
     if not files:
         return pd.DataFrame()

@@ -41,8 +41,6 @@ __all__ = [
     "load_hub_model",
     "find_smollm2_gguf",
     "load_smollm2",
-    "count_parameters",
-    "embedding_rms",
     "prepare_tokenizer",
     "hub_is_offline",
     "hub_is_reachable",
@@ -322,23 +320,3 @@ def _publish_directory(staging: Path, target: Path) -> None:
         # its copy. Otherwise something else is wrong and the error should surface.
         if not _is_complete_cache(target):
             raise
-
-
-# ---------------------------------------------------------------------------
-# Small model statistics
-# ---------------------------------------------------------------------------
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of distinct parameters; tied weights (e.g. embedding = lm_head) are counted once."""
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
-def embedding_rms(model: PreTrainedModel) -> float:
-    """Root-mean-square of all entries of the input embedding matrix.
-
-    Latent-reasoning code compares this with the norms of the hidden states
-    it feeds back in as input embeddings.
-    """
-    weight = model.get_input_embeddings().weight
-    return weight.detach().float().square().mean().sqrt().item()

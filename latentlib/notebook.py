@@ -1,15 +1,20 @@
-"""What every notebook does first: resolve the preset and run, fix threads and seeds,
-and show the configuration (the first checked output).
+"""What every notebook does first: read its parameters, resolve the preset, the task and
+the run, fix threads and seeds, and show the configuration (the first checked output).
 
 A notebook's ``parameters`` cell holds flat scalars; the cell after it calls
-``ctx = setup(model=model, run=run, seed=seed, threads=threads, **stage_params)``.
+``ctx = setup("00_teacher_extraction", globals())``. The parameter names come from the
+notebook's own ``parameters`` cell (papermill's parameter inspection), and their values
+from the notebook's namespace (after papermill's injected overrides), so the recorded
+configuration lists every parameter without the notebook naming them twice.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +22,11 @@ import torch
 
 from latentlib import artifacts
 from latentlib.presets import Preset, get_preset
+from latentlib.tasks import Task, TaskConfig, load_task
 
-__all__ = ["Context", "setup", "reports_dir"]
+__all__ = ["Context", "setup", "reports_dir", "notebook_path", "notebook_parameters"]
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def reports_dir(run: str) -> Path:
@@ -31,17 +39,48 @@ def reports_dir(run: str) -> Path:
     return d
 
 
+def notebook_path(name: str) -> Path:
+    """``notebooks/<name>.ipynb`` of the project."""
+    path = NOTEBOOKS / f"{name.removesuffix('.ipynb')}.ipynb"
+    if not path.is_file():
+        raise FileNotFoundError(f"no notebook {path}: name one of {sorted(p.stem for p in NOTEBOOKS.glob('*.ipynb'))}")
+    return path
+
+
+def notebook_parameters(path: Path) -> dict[str, object]:
+    """The names and default values of a notebook's ``parameters`` cell (papermill's inspection)."""
+    import ast
+
+    import papermill
+
+    inspected = papermill.inspect_notebook(str(path))
+    if not inspected:
+        raise ValueError(f"{Path(path).name} has no cell tagged 'parameters' (or it is empty); papermill cannot "
+                         "inject values into it")
+    return {name: ast.literal_eval(p["default"]) for name, p in inspected.items()}
+
+
 @dataclass
 class Context:
     preset: Preset  # the model preset
     run: str  # run name: artifacts under runs/<run>/, reports under reports/<run>/
     seed: int  # the stage's seed
     threads: int  # torch threads
-    params: dict = field(default_factory=dict)  # the notebook's other parameters
+    params: dict = field(default_factory=dict)  # every parameter of the notebook, with its value in this run
 
     @property
     def reports(self) -> Path:
         return reports_dir(self.run)
+
+    @property
+    def task_config(self) -> TaskConfig:
+        """The notebook's task (``task``, ``n_train``, ``n_test``, ``seed``; the preset's default task)."""
+        return TaskConfig.from_params(self.params, self.preset.task)
+
+    @cached_property
+    def task(self) -> Task:
+        """The task's records, in the format of the preset's tokenizer."""
+        return load_task(self.task_config, self.preset.step_separator)
 
     def figure(self, fig, name: str) -> Path:
         """Saves a figure under reports/<run>/figures/ (PNG) and returns the path."""
@@ -58,17 +97,24 @@ class Context:
 
     def show(self) -> dict:
         """The configuration as a plain dict (display it as the first checked output)."""
-        return {"model": self.preset.name, "run": self.run, "seed": self.seed, "threads": self.threads,
-                **self.params}
+        return {**self.params, "model": self.preset.name, "run": self.run}
 
 
-def setup(*, model: str, run: str = "", seed: int = 0, threads: int = 2, **params) -> Context:
-    """Validates the preset, fixes threads and every seed, and names the run."""
-    preset = get_preset(model)
+def setup(notebook: str, namespace: Mapping) -> Context:
+    """Reads notebook ``notebook``'s parameters from ``namespace`` (its ``globals()``),
+    validates the preset, fixes threads and every seed, and names the run."""
+    names = notebook_parameters(notebook_path(notebook))
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise NameError(f"parameters {missing} of {notebook} are not defined: run the notebook's parameters cell first")
+    params = {n: namespace[n] for n in names}
+    preset = get_preset(params["model"])
+    threads, seed = int(params.get("threads", 2)), int(params.get("seed", 0))
     if threads < 1:
         raise ValueError(f"threads={threads} must be >= 1")
     torch.set_num_threads(threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return Context(preset=preset, run=run or preset.name, seed=seed, threads=threads, params=params)
+    params["run"] = params.get("run") or preset.name
+    return Context(preset=preset, run=params["run"], seed=seed, threads=threads, params=params)

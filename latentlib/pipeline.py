@@ -15,7 +15,6 @@ run would silently use the default).
 from __future__ import annotations
 
 import argparse
-import ast
 import difflib
 import html
 import json
@@ -25,6 +24,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+from latentlib.notebook import notebook_parameters, reports_dir
+from latentlib.presets import get_preset
 
 __all__ = ["STAGES", "UnknownParameterError", "notebook_parameters", "resolve_parameters", "run_pipeline", "main"]
 
@@ -36,21 +38,6 @@ STAGES = ("00_teacher_extraction", "01_sft", "02_curriculum", "03_grpo", "04_eva
 
 class UnknownParameterError(ValueError):
     """A parameter name that no notebook of the pipeline declares."""
-
-
-def notebook_parameters(path: Path) -> dict[str, object]:
-    """The names and default values of a notebook's ``parameters`` cell."""
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            out = {}
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                    out[node.targets[0].id] = ast.literal_eval(node.value)
-            return out
-    raise ValueError(f"{path.name} has no cell tagged 'parameters'; papermill cannot inject values into it")
 
 
 def _coerce(value: str, default):
@@ -71,8 +58,6 @@ def _coerce(value: str, default):
 def resolve_parameters(preset: str, overrides: dict[str, str] | None = None,
                        stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
     """Per notebook, the parameters papermill will inject. Refuses unknown names."""
-    from latentlib.presets import get_preset
-
     get_preset(preset)  # an unknown preset fails here, with the list of known ones
     path = PARAMS / f"{preset}.yaml"
     spec = yaml.safe_load(path.read_text()) if path.exists() else {}
@@ -168,8 +153,6 @@ def run_pipeline(preset: str, *, run: str | None = None, overrides: dict[str, st
     """Executes the pipeline's notebooks in order; returns one status row per stage."""
     import papermill as pm
     from tqdm.auto import tqdm
-
-    from latentlib.notebook import reports_dir
 
     stages = tuple(only) if only else STAGES
     for s in stages:

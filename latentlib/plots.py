@@ -5,7 +5,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 
-__all__ = ["loss_curves", "accuracy_vs_tokens", "stage_curves", "accuracy_by_stage", "accuracy_vs_thoughts"]
+__all__ = ["loss_curves", "accuracy_vs_tokens", "stage_curves", "accuracy_by_stage", "accuracy_vs_thoughts",
+           "entropy_by_position", "boundary_ranks", "ablation_bars", "exit_probability", "lens_matrices"]
 
 
 def loss_curves(curves: dict[str, list[dict]], *, key: str = "loss", title: str = "training loss", log: bool = True):
@@ -117,4 +118,113 @@ def accuracy_vs_thoughts(table: "pd.DataFrame", *, group: str = "c", title: str 
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- teacher (notebook 00)
+
+
+def entropy_by_position(table: pd.DataFrame, *, title: str = "Teacher rollouts: entropy by position"):
+    """Mean entropy at each generated position (columns), one line per row of ``table``
+    (correct and wrong rollouts: :func:`latentlib.teacher.entropy_by_position`)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, row in table.iterrows():
+        ax.plot(row.index, row.values, marker="o", label=label)
+    ax.set_xlabel("generated position")
+    ax.set_ylabel("entropy (nats)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- probes (notebook 05)
+
+
+def boundary_ranks(text: pd.DataFrame, positions: pd.DataFrame, token_id: int, vocab: int, *,
+                   name: str = "<swi>", column: str = "swi"):
+    """Two panels: the distribution of ``name``'s rank where it was written and at every other
+    text position (log scale), and the mean probability of ``name`` at the positions around
+    the boundaries (0 is where it was written). ``text``: the text rows of
+    ``positions`` (:func:`latentlib.probes.position_tables`)."""
+    import numpy as np
+
+    at = text.token == token_id
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    bins = np.arange(0, np.log10(vocab) + 0.25, 0.25)
+    for df, label in [(text[~at], "other text positions"), (text[at], f"{name} written")]:
+        if len(df):
+            ax1.hist(np.log10(df[f"rank_{column}"]), bins=bins, density=True, alpha=0.6, label=f"{label} (n={len(df)})")
+    ax1.set_xlabel(f"log10 rank of {name} (1 = most likely)")
+    ax1.set_ylabel("density")
+    ax1.set_title(f"rank of {name} in the next-token distribution")
+    ax1.legend()
+    p_at = positions.set_index(["seq", "pos"])[f"p_{column}"]
+    spots = text[at]
+    offsets = list(range(-4, 4))
+    spike = [p_at.reindex(list(zip(spots.seq, spots.pos + d))).mean() for d in offsets]
+    ax2.bar(offsets, spike)
+    ax2.set_xlabel("position relative to the boundary")
+    ax2.set_ylabel(f"mean p({name})")
+    ax2.set_ylim(0, 1)
+    ax2.set_title(f"p({name}) around the boundaries")
+    fig.tight_layout()
+    return fig
+
+
+def ablation_bars(table: pd.DataFrame, ablations: tuple[str, ...], *, title: str = "what the injected states are worth"):
+    """Accuracy on each model's diagnostic subset per ablation (grouped bars)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    models = list(dict.fromkeys(table.model))
+    width = 0.8 / len(ablations)
+    for i, mode in enumerate(ablations):
+        sub = table[table.ablation == mode].set_index("model").reindex(models)
+        ax.bar(np.arange(len(models)) + i * width, sub.diagnostic_accuracy, width, label=mode)
+    ax.set_xticks(np.arange(len(models)) + width * (len(ablations) - 1) / 2, models)
+    ax.set_ylabel("accuracy (diagnostic subset)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(title="ablation", ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def exit_probability(table: pd.DataFrame, k_min: int, k_max: int, *, title: str = "the wish to leave the block"):
+    """Mean and median p(</swi>) against the latent steps taken in the block, with K_min and K_max."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    if len(table):
+        ax.plot(table.steps_taken, table.mean_p_exit, marker="o", label="mean")
+        ax.plot(table.steps_taken, table.median_p_exit, marker="s", ls="--", label="median")
+    ax.axvline(k_min, color="grey", ls=":", label=f"K_min = {k_min}")
+    ax.axvline(k_max, color="black", ls=":", label=f"K_max = {k_max}")
+    ax.set_xlabel("latent steps taken in the block")
+    ax.set_ylabel("p(</swi>)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def lens_matrices(matrices: dict, *, title: str = "thought k decodes to step j"):
+    """One heat map per model: entry (k, j) is the fraction of problems whose thought k decodes
+    (top-1) to the value of step j (:func:`latentlib.probes.lens_step_matrix`)."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(matrices), figsize=(5.5 * len(matrices), 4.2))
+    im = None
+    for ax, (name, mat) in zip(np.atleast_1d(axes), matrices.items()):
+        m = mat.numpy()
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        for (k, j), v in np.ndenumerate(m):
+            ax.text(j, k, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+        ax.set_xticks(range(m.shape[1]), [str(j + 1) for j in range(m.shape[1])])
+        ax.set_yticks(range(m.shape[0]), [str(k + 1) for k in range(m.shape[0])])
+        ax.set_xlabel("reasoning step j (its value)")
+        ax.set_ylabel("thought k")
+        ax.set_title(f"{name}: {title}")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of problems")
     return fig

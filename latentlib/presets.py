@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from latentlib import hub
+
 __all__ = ["Preset", "PRESETS", "get_preset", "build_tiny_tokenizer", "build_tiny_model", "load_model",
            "cache_root", "UnknownPresetError"]
 
@@ -138,8 +140,6 @@ def load_model(name: str, *, words: list[str] | None = None, seed: int = 0):
             raise ValueError("the tiny preset builds its tokenizer from the task's words: pass words=...")
         tokenizer = build_tiny_tokenizer(words)
         return build_tiny_model(len(tokenizer), preset, seed=seed), tokenizer
-    from latentlib import hub
-
     dtype = getattr(torch, preset.dtype)
     if preset.source == "gguf":
         model, tokenizer = hub.load_smollm2(cache_root() / preset.name, dtype=dtype)

@@ -7,19 +7,28 @@ and the same questions for Coconut):
 - what the injected states do: ablations that zero them, replace them by random vectors
   of the same norm, or shuffle them across the batch (:class:`AblatedInjector`);
 - what each thought "says": the logit lens (:func:`logit_lens`) and, for the embedded
-  task, whether thought k decodes to the k-th intermediate value (:func:`lens_matches_steps`).
+  task, which intermediate value thought k decodes to (:func:`lens_step_matrix`: a
+  diagonal means thought k holds the k-th value).
 """
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from latentlib.batching import encode_record
+from latentlib.evaluate import generate_batch
 from latentlib.injection import Injector
+from latentlib.tasks import Format
 
 __all__ = ["AblatedInjector", "ABLATIONS", "token_ranks", "position_table", "boundary_features", "linear_probe",
-           "logit_lens", "lens_matches_steps", "lens_step_matrix", "latent_thoughts", "collect_traces"]
+           "logit_lens", "lens_step_matrix", "latent_thoughts", "collect_traces", "position_tables", "rank_table",
+           "probe_table", "exit_table", "stack_thoughts", "lens_table", "lens_examples", "summary_table",
+           "card_comparison"]
 
 ABLATIONS = ("none", "zero", "random", "shuffle")
 
@@ -61,19 +70,15 @@ def token_ranks(logits: torch.Tensor, token_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_traces(model: nn.Module, tokenizer, records, spec, *, encode, capture_layers: tuple[int, ...] = (-1,),
+def collect_traces(model: nn.Module, tokenizer, records, spec, fmt: Format, *, capture_layers: tuple[int, ...] = (-1,),
                    temperature: float = 0.0, seed: int = 0, batch_size: int = 250, progress: bool = True) -> list:
     """Runs a method the way :func:`latentlib.evaluate.evaluate` does (``spec``: an
     :class:`~latentlib.evaluate.EvalSpec`) and keeps the :class:`~latentlib.recurrence.Trace`
     of every batch, with the hidden states of ``capture_layers``. ``temperature > 0``
     samples with one seed per problem (``seed`` + its index), so a problem's rollout does
     not depend on the batch it falls in."""
-    from tqdm.auto import tqdm
-
-    from latentlib.evaluate import generate_batch
-
     model.eval()
-    prompt_of = spec.prompt or (lambda r: encode(r).question)
+    prompt_of = spec.prompt or (lambda r: encode_record(tokenizer, r, fmt).question)
     out = []
     for s in tqdm(range(0, len(records), batch_size), desc=f"traces {spec.name}", disable=not progress):
         chunk = list(records[s:s + batch_size])
@@ -97,8 +102,6 @@ def position_table(model: nn.Module, trace, tokens: dict[str, int], *, chunk: in
     read to decide to stay latent; after the ``i``-th latent step it is the row whose
     ``after_block_step`` is ``i``.
     """
-    import pandas as pd
-
     if -1 not in trace.hidden or -1 not in trace.prompt_hidden:
         raise ValueError("the trace has no final hidden states: generate with capture_layers=(-1, ...)")
     head = model.get_output_embeddings()
@@ -123,6 +126,13 @@ def position_table(model: nn.Module, trace, tokens: dict[str, int], *, chunk: in
             "block_step": block_step[keep], "after_block_step": after[keep]}
     data.update({k: torch.cat(v)[keep] for k, v in cols.items()})
     return pd.DataFrame({k: v.numpy() for k, v in data.items()})
+
+
+def position_tables(model: nn.Module, traces: list, tokens: dict[str, int], batch_size: int) -> pd.DataFrame:
+    """:func:`position_table` of every batch trace of :func:`collect_traces` (made with
+    ``batch_size``), with ``seq`` numbering the problems across batches."""
+    return pd.concat([position_table(model, t, tokens).assign(seq=lambda d, o=i * batch_size: d.seq + o)
+                      for i, t in enumerate(traces)], ignore_index=True)
 
 
 def boundary_features(trace, layer: int, token_id: int, *, ahead: int = 1, seed: int = 0):
@@ -210,8 +220,8 @@ def latent_thoughts(trace) -> list[torch.Tensor]:
 def lens_step_matrix(model: nn.Module, tokenizer, thoughts: torch.Tensor, steps: list[list[str]]) -> torch.Tensor:
     """``(K, S)``: the fraction of problems whose thought ``i`` decodes (top-1) to the
     value of step ``j`` (problems shorter than ``j + 1`` steps count as misses). The
-    diagonal is :func:`lens_matches_steps`; a thought that runs one step ahead or behind
-    shows up off the diagonal."""
+    diagonal says how often thought k holds the k-th value; a thought that runs one step
+    ahead or behind shows up off the diagonal."""
     N, K, _ = thoughts.shape
     S = max(map(len, steps))
     idx, _ = logit_lens(model, thoughts.reshape(N * K, -1), top_k=1)
@@ -221,12 +231,122 @@ def lens_step_matrix(model: nn.Module, tokenizer, thoughts: torch.Tensor, steps:
     return hit.mean(0)
 
 
-def lens_matches_steps(model: nn.Module, tokenizer, thoughts: torch.Tensor, steps: list[list[str]]) -> torch.Tensor:
-    """For the embedded task: ``(K,)`` fraction of problems whose thought k decodes (top-1)
-    to the k-th intermediate value. ``thoughts`` is ``(N, K, D)``; ``steps[n][k]`` the value."""
-    N, K, _ = thoughts.shape
-    idx, _ = logit_lens(model, thoughts.reshape(N * K, -1), top_k=1)
-    words = tokenizer.convert_ids_to_tokens(idx[:, 0].tolist())
-    hit = torch.tensor([words[n * K + k] == steps[n][k] if k < len(steps[n]) else False
-                        for n in range(N) for k in range(K)]).reshape(N, K)
-    return hit.float().mean(0)
+# ---------------------------------------------------------------------------- tables of notebook 05
+
+
+def rank_table(text: pd.DataFrame, token_id: int, vocab: int, *, column: str = "swi") -> pd.DataFrame:
+    """The rank of a token (``rank_<column>``) where it was written against every other text
+    position: positions, median rank, share at rank <= 2, mean probability."""
+    at = text.token == token_id
+
+    def row(df, where):
+        return {"where": where, "positions": len(df), "median_rank": df[f"rank_{column}"].median(),
+                "rank_at_most_2": (df[f"rank_{column}"] <= 2).mean(), "mean_p_swi": df[f"p_{column}"].mean()}
+
+    table = pd.DataFrame([row(text[at], "where <swi> was written"), row(text[~at], "every other text position")])
+    table["vocabulary"] = vocab
+    return table
+
+
+def probe_table(traces: list, layers, token_id: int, *, aheads=(1, 2, 3), seed: int = 0,
+                min_positives: int = 10) -> pd.DataFrame:
+    """A :func:`linear_probe` per layer and distance ``ahead`` for an upcoming ``token_id``
+    (positives: every boundary in ``traces``; as many random negatives), with its held-out
+    accuracy and majority baseline; no probe where there are fewer than ``min_positives``
+    boundaries to hold some out."""
+    rows = []
+    for layer in dict.fromkeys(layers):
+        for ahead in aheads:
+            parts = [boundary_features(t, layer, token_id, ahead=ahead, seed=seed + i) for i, t in enumerate(traces)]
+            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            row = {"layer": layer, "ahead": ahead, "examples": len(y)}
+            if int(y.sum()) >= min_positives:
+                res = linear_probe(x, y, seed=seed)
+                row.update(held_out_accuracy=res["accuracy"], majority_baseline=res["majority_baseline"],
+                           held_out=res["n_test"])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def exit_table(positions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """p(</swi>) along latent blocks from a position table of greedy traces: the rows inside
+    blocks with ``steps_taken`` (0: the distribution read right after ``<swi>``; s: after s
+    latent steps), and per ``steps_taken`` the mean and median probability and how often
+    ``</swi>`` ranks first."""
+    steps = np.where(positions.after_block_step > 0, positions.after_block_step,
+                     np.where(positions.block_step == 1, 0, -1))
+    inside = positions.assign(steps_taken=steps)[steps >= 0]
+    table = (inside.groupby("steps_taken")
+             .agg(positions=("p_swi_end", "size"), mean_p_exit=("p_swi_end", "mean"),
+                  median_p_exit=("p_swi_end", "median"), exit_ranked_first=("rank_swi_end", lambda r: (r == 1).mean()))
+             .reset_index())
+    return inside, table
+
+
+def stack_thoughts(traces: list) -> torch.Tensor:
+    """``(N, K, D)``: every problem's first K thoughts (K the fewest any problem took)."""
+    per_problem = [th for t in traces for th in latent_thoughts(t)]
+    K = min(len(th) for th in per_problem)
+    return torch.stack([th[:K] for th in per_problem])
+
+
+def lens_table(lens: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """Per model and thought k: how often it decodes to its own step k, and its best step."""
+    return pd.DataFrame([{"model": name, "thought": k + 1,
+                          "decodes_own_step": mat[k, k].item() if k < mat.shape[1] else float("nan"),
+                          "best_step": int(mat[k].argmax()) + 1, "best_step_fraction": mat[k].max().item()}
+                         for name, mat in lens.items() for k in range(mat.shape[0])])
+
+
+def lens_examples(model: nn.Module, tokenizer, thoughts: torch.Tensor, records, n: int, *, top_k: int = 3):
+    """For the first ``n`` problems, the ``top_k`` tokens each thought decodes to (with their
+    probabilities), beside the values the chain actually writes; one column per problem."""
+    examples = []
+    for i in range(min(n, len(records))):
+        idx, p = logit_lens(model, thoughts[i], top_k=top_k)
+        words = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in idx]
+        examples.append({"question": records[i].question, "steps": " ".join(records[i].steps),
+                         **{f"thought {k + 1}": ", ".join(f"{w} {q:.2f}" for w, q in zip(words[k], p[k].tolist()))
+                            for k in range(len(words))}})
+    return pd.DataFrame(examples).T
+
+
+def summary_table(*, switch_name: str, boundary: pd.DataFrame, probe: pd.DataFrame, probe_layer: int,
+                  exit: pd.DataFrame, ablation: pd.DataFrame, lens: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """The key number of each measurement (the report's front page)."""
+    ab = ablation.set_index(["model", "ablation"]).diagnostic_accuracy
+    first_exit = exit.set_index("steps_taken").mean_p_exit
+    probe1 = probe[(probe.layer == probe_layer) & (probe.ahead == 1)]
+    rows = [("<swi> median rank where written", switch_name, boundary.median_rank[0]),
+            ("<swi> median rank elsewhere", switch_name, boundary.median_rank[1]),
+            (f"probe accuracy, layer {probe_layer}, next token", switch_name,
+             probe1.held_out_accuracy.iloc[0] if "held_out_accuracy" in probe1 else float("nan")),
+            ("p(</swi>) after the first latent step", switch_name, first_exit.get(1, float("nan")))]
+    for name in dict.fromkeys(ablation.model):
+        for mode in ("zero", "random", "shuffle"):
+            rows.append((f"accuracy change, {mode}", name, ab[(name, mode)] - ab[(name, "none")]))
+    for name, mat in lens.items():
+        k = min(mat.shape)
+        rows.append(("thought k decodes step k (mean over k)", name, mat.diagonal()[:k].mean().item()))
+    return pd.DataFrame(rows, columns=["measurement", "model", "value"])
+
+
+def card_comparison(*, switch_name: str, boundary: pd.DataFrame, probe: pd.DataFrame, probe_layer: int,
+                    exit: pd.DataFrame, ablation: pd.DataFrame, k_min: int) -> list[str]:
+    """This run's numbers in the words of the SWITCH card's three findings."""
+    diag = ablation[ablation.model == switch_name].set_index("ablation").diagnostic_accuracy
+    lines = [
+        f"<swi> where written: rank <= 2 in {boundary.rank_at_most_2[0]:.1%} of {boundary.positions[0]} "
+        f"boundaries; elsewhere median rank {boundary.median_rank[1]:.0f} of {boundary.vocabulary[0]} tokens",
+        f"linear probe, layer {probe_layer}, next token: {probe.held_out_accuracy.iloc[0]:.1%} held out "
+        f"(majority baseline {probe.majority_baseline.iloc[0]:.1%})" if "held_out_accuracy" in probe else
+        "linear probe: too few boundaries",
+    ]
+    if diag["none"] > 0:
+        lines += [f"{mode} injected states: {1 - diag[mode] / diag['none']:.0%} of the diagnostic accuracy lost"
+                  for mode in ("zero", "random", "shuffle")]
+    after = exit.set_index("steps_taken")
+    if 1 in after.index:
+        lines.append(f"p(</swi>) after 1 latent step: mean {after.mean_p_exit[1]:.2f}, "
+                     f"median {after.median_p_exit[1]:.2f} (K_min = {k_min})")
+    return lines

@@ -15,7 +15,7 @@ position (SWITCH's phase 1 reads them) and the hidden states of the chosen layer
 - slot ``K+1`` (``answer``): the first token of the answer.
 
 Step boundaries. The generated text (special tokens dropped) is cut at the last ``####``;
-the text before it is split on the preset's step separator (``"\\n"``, or ``" "`` for the
+the text before it is split on the task format's step separator (``"\\n"``, or ``" "`` for the
 word-level ``tiny`` task, where a step is one word) and empty pieces are dropped. A step
 ends at the token whose decoded prefix first covers the step's last non-blank
 character. A rollout with ``n`` steps fills the K step slots with steps
@@ -52,8 +52,7 @@ shards (kept in ``.<name>.partial/``), and the artifact appears atomically, with
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
+import resource
 import math
 import shutil
 import time
@@ -70,12 +69,13 @@ from latentlib import artifacts
 from latentlib.batching import encode_record, prompt_batch
 from latentlib.policies import TextPolicy
 from latentlib.recurrence import generate
-from latentlib.tasks import grade
+from latentlib.tasks import Format, grade
 from latentlib.tasks.schema import ANSWER_MARKER
 
 __all__ = ["TeacherConfig", "TeacherSummary", "TeacherStates", "WEIGHTINGS", "slot_names", "rollout_seed",
            "parse_steps", "step_slots", "rollout_rewards", "teacher_weights", "normalize_layers", "parse_layers",
-           "extract_teacher", "measure_throughput", "load_teacher", "load_rollouts"]
+           "extract_teacher", "read_summary", "measure_throughput", "load_teacher", "load_rollouts",
+           "entropy_by_position"]
 
 WEIGHTINGS = ("uniform", "reward_weighted")
 
@@ -93,7 +93,6 @@ class TeacherConfig:
     max_completion_length: int = 256  # generated tokens per rollout at most (eos included)
     num_steps: int = 6  # K: step slots per rollout (the student's latent steps)
     capture_layers: tuple[int, ...] = (-1,)  # hidden_states indices kept (0: embeddings, -1: last layer)
-    separator: str = "\n"  # text between reasoning steps (the preset's step_separator)
     grade_mode: str = "strict"  # grading of rollouts: "strict", "flexible" or "math"
     shard_size: int = 500  # problems per shard (memory is bounded by one shard)
     generation_batch_size: int = 256  # sequences per generate call (1: one at a time)
@@ -112,7 +111,6 @@ class TeacherConfig:
             (self.max_completion_length >= 1, f"max_completion_length={self.max_completion_length} must be >= 1"),
             (self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1 (the student's K)"),
             (len(self.capture_layers) >= 1, "capture_layers is empty: keep at least one layer, e.g. (-1,)"),
-            (self.separator != "", "separator is empty: use the preset's step separator, e.g. '\\n'"),
             (self.grade_mode in ("strict", "flexible", "math"),
              f"grade_mode={self.grade_mode!r}: use 'strict', 'flexible' or 'math'"),
             (self.shard_size >= 1, f"shard_size={self.shard_size} must be >= 1"),
@@ -133,11 +131,20 @@ class TeacherSummary:
     fraction_correct: float  # over all rollouts
     fraction_parsed: float  # rollouts with a marker and at least one step
     problems_without_teacher: int  # no correct parsed rollout: left out of distillation
-    seconds: float  # wall time of the extraction (0 when reused)
+    seconds: float  # wall time of the extraction (of the run that made the artifact)
     rollouts_per_second: float
     shards: int
     layers: list[int] = field(default_factory=list)  # stored layers (non-negative hidden_states indices)
     reused: bool = False  # an existing complete artifact was returned
+
+    def table(self) -> pd.DataFrame:
+        """One row: the counts, the time, and this process's peak resident memory."""
+        return pd.DataFrame([{
+            "problems": self.problems, "rollouts": self.rollouts, "fraction_correct": round(self.fraction_correct, 4),
+            "fraction_parsed": round(self.fraction_parsed, 4), "problems_without_teacher": self.problems_without_teacher,
+            "shards": self.shards, "seconds": round(self.seconds, 1),
+            "rollouts_per_second": round(self.rollouts_per_second, 1), "reused": self.reused,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}])
 
 
 # ---------------------------------------------------------------------------- pure pieces
@@ -233,15 +240,7 @@ def teacher_weights(eligible: torch.Tensor, rewards: torch.Tensor, weighting: st
 # ---------------------------------------------------------------------------- extraction
 
 
-def _fingerprint(records, cfg: TeacherConfig, model_info: str) -> str:
-    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
-    h.update(model_info.encode())
-    for r in records:
-        h.update(f"{r.question}\x00{r.answer}\x01".encode())
-    return h.hexdigest()[:16]
-
-
-def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, special):
+def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, special, separator):
     """Generates the rollouts ``pairs`` = [(problem, g), ...] in one call: their table rows
     and their states ``(len(pairs), P, L, D)``."""
     input_ids, mask = prompt_batch([prompts[i] for i, _ in pairs], tokenizer.pad_token_id)
@@ -262,7 +261,7 @@ def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, s
         lengths = [len(s) for s in decoded[cursor:cursor + n]]
         text = decoded[cursor + n - 1] if n else ""
         cursor += n
-        step_ends, marker, answer = parse_steps(lengths, text, cfg.separator) if n else ([], -1, -1)
+        step_ends, marker, answer = parse_steps(lengths, text, separator) if n else ([], -1, -1)
         parsed = marker >= 0 and len(step_ends) > 0
         slots = step_slots(step_ends, cfg.num_steps) + [marker, answer]
         slots = [where[b][s] if s >= 0 else -1 for s in slots]  # kept-token index -> generated index
@@ -318,28 +317,24 @@ def _finish_shard(rows, states, problems, cfg, layers) -> tuple[dict, pd.DataFra
     return tensors, frame, counts
 
 
-def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, *, run: str, name: str = "teacher",
-                    prompt: Callable | None = None, model_info: str = "", overwrite: bool = False,
+def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, fmt: Format, *, directory: Path,
+                    key: str, meta: dict | None = None, prompt: Callable | None = None,
                     progress: bool = True) -> TeacherSummary:
-    """Samples, grades and stores the teacher of ``records`` under ``runs/<run>/teacher/<name>``.
+    """Samples, grades and stores the teacher of ``records`` in ``directory`` (written
+    atomically, with ``meta`` in its ``COMPLETE`` marker).
 
-    ``prompt(record) -> token ids`` (default: the encoded question with the separator).
-    ``model_info`` names the model in the fingerprint that decides whether an existing
-    artifact (or an interrupted run's finished shards) can be reused.
+    ``prompt(record) -> token ids`` (default: the question written in ``fmt``). ``key``
+    identifies the configuration: the finished shards of an interrupted run with the same
+    key are kept, those of another key are discarded. Reusing a finished artifact is the
+    stage's decision (:mod:`latentlib.stages.teacher`).
     """
-    final = artifacts.artifact_dir(run, "teacher", name)
-    fingerprint = _fingerprint(records, cfg, model_info)
-    if not overwrite and artifacts.is_complete(final):
-        index = artifacts.load_json(final / "index.json")
-        if index.get("fingerprint") == fingerprint:
-            return TeacherSummary(directory=final, reused=True, **{k: index["summary"][k] for k in (
-                "problems", "rollouts", "fraction_correct", "fraction_parsed", "problems_without_teacher",
-                "seconds", "rollouts_per_second", "shards", "layers")})
+    final = Path(directory)
+    fingerprint = key
     if len(records) == 0:
         raise ValueError("no records to extract a teacher from")
     num_layers = model.config.num_hidden_layers
     layers = normalize_layers(cfg.capture_layers, num_layers)
-    prompt = prompt or (lambda r: encode_record(tokenizer, r, cfg.separator).question)
+    prompt = prompt or (lambda r: encode_record(tokenizer, r, fmt).question)
     special = set(tokenizer.all_special_ids)
     hidden = model.get_input_embeddings().weight.shape[1]
     partial = final.with_name(f".{final.name}.partial")
@@ -371,7 +366,7 @@ def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, *, 
             states = torch.zeros(len(pairs), cfg.num_steps + 2, len(layers), hidden)  # (n*G, P, L, D)
             for c in range(0, len(pairs), cfg.generation_batch_size):
                 r, st = _rollouts_of_batch(model, tokenizer, records, pairs[c:c + cfg.generation_batch_size],
-                                           prompts, cfg, layers, special)
+                                           prompts, cfg, layers, special, fmt.separator)
                 rows += r
                 states[c:c + len(r)] = st
                 bar.update(len(r))
@@ -403,18 +398,26 @@ def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, *, 
             for suffix in (".safetensors", ".parquet"):
                 shutil.move(str(partial / f"shard-{s:05d}{suffix}"), str(tmp / f"shard-{s:05d}{suffix}"))
         artifacts.save_json(index, tmp / "index.json")
-        artifacts.write_complete(tmp, {"kind": "teacher rollouts and states", "model": model_info,
+        artifacts.write_complete(tmp, {"kind": "teacher rollouts and states", **(meta or {}),
                                        "config": asdict(cfg), **summary})
     shutil.rmtree(partial, ignore_errors=True)
     return TeacherSummary(directory=final, **summary)
 
 
-def measure_throughput(model, tokenizer, records: Sequence, cfg: TeacherConfig, *,
+def read_summary(directory: Path) -> TeacherSummary:
+    """The summary of a finished teacher artifact (what :func:`extract_teacher` returned)."""
+    index = artifacts.load_json(Path(directory) / "index.json")
+    return TeacherSummary(directory=Path(directory), reused=True, **{k: index["summary"][k] for k in (
+        "problems", "rollouts", "fraction_correct", "fraction_parsed", "problems_without_teacher", "seconds",
+        "rollouts_per_second", "shards", "layers")})
+
+
+def measure_throughput(model, tokenizer, records: Sequence, cfg: TeacherConfig, fmt: Format, *,
                        batch_sizes: Sequence[int] = (1, 256), prompt: Callable | None = None) -> pd.DataFrame:
     """Rollouts per second of the extraction's work (generation with hidden-state capture,
     parsing, grading; no disk) for each ``generation_batch_size``, on the same rollouts."""
     layers = normalize_layers(cfg.capture_layers, model.config.num_hidden_layers)
-    prompt = prompt or (lambda r: encode_record(tokenizer, r, cfg.separator).question)
+    prompt = prompt or (lambda r: encode_record(tokenizer, r, fmt).question)
     prompts = {i: list(prompt(r)) for i, r in enumerate(records)}
     pairs = [(i, g) for i in range(len(records)) for g in range(cfg.num_generations)]
     special = set(tokenizer.all_special_ids)
@@ -424,7 +427,8 @@ def measure_throughput(model, tokenizer, records: Sequence, cfg: TeacherConfig, 
         t0 = time.perf_counter()
         correct = 0
         for c in range(0, len(pairs), bs):
-            r, _ = _rollouts_of_batch(model, tokenizer, records, pairs[c:c + bs], prompts, cfg, layers, special)
+            r, _ = _rollouts_of_batch(model, tokenizer, records, pairs[c:c + bs], prompts, cfg, layers, special,
+                                      fmt.separator)
             correct += sum(x["correct"] for x in r)
         seconds = time.perf_counter() - t0
         rows.append({"generation_batch_size": bs, "rollouts": len(pairs), "seconds": round(seconds, 3),
@@ -475,6 +479,15 @@ def load_teacher(run: str, name: str = "teacher", *, weighting: str = "uniform",
     return TeacherStates(states={layer: cat[f"{weighting}.layer{layer}"] for layer in layers},
                          has_teacher=cat["has_teacher"].bool(), problem=cat["problem"], weighting=weighting,
                          num_steps=index["config"]["num_steps"], slots=index["slots"])
+
+
+def entropy_by_position(rollouts: pd.DataFrame, width: int) -> pd.DataFrame:
+    """Mean entropy of the sampled distribution at generated positions ``1 .. width``, for
+    correct and wrong rollouts (rows), from :func:`load_rollouts`' ``entropy`` and
+    ``correct`` columns (a rollout shorter than ``width`` leaves the later positions out)."""
+    entropy = pd.DataFrame([pd.Series(row[:width], index=range(1, min(len(row), width) + 1))
+                            for row in rollouts.entropy])  # NaN past a rollout's end
+    return entropy.groupby(rollouts.correct.map({True: "correct", False: "wrong"})).mean().round(3)
 
 
 def load_rollouts(run: str, name: str = "teacher", columns: Sequence[str] | None = None) -> pd.DataFrame:

@@ -6,23 +6,26 @@ import torch
 from latentlib.batching import IGNORE, collate, encode_record
 from latentlib.evaluate import evaluate
 from latentlib.injection import make_injector
-from latentlib.methods.coconut import (CoconutConfig, SeqVCR, coconut_segments, eval_spec, make_loss,
-                                       measure_step_memory, plan_for, saved_tensor_bytes, stage_examples,
-                                       thought_script, train_coconut)
+from latentlib.methods.coconut import (CoconutConfig, SeqVCR, coconut_segments, eval_spec, load_coconut, make_loss,
+                                       plan_for, save_coconut, stage_examples, thought_script, train_coconut,
+                                       without_curriculum)
 from latentlib.policies import FREE, LATENT
-from latentlib.recurrence import latent_forward
-from latentlib.tasks import make_chain_record
+from latentlib.recurrence import generate, latent_forward
+from latentlib.tasks import Format, make_chain_record
 from latentlib.tokens import token_ids
 from latentlib.training.curriculum import CurriculumConfig
 from latentlib.training.loop import TrainConfig
+from latentlib.training.memory import saved_tensor_bytes
 
 OPS = [("+1", "*3", "+2"), ("*7", "+3", "+1"), ("+2", "+2", "*3"), ("*3", "*7", "+1")]
 RECORDS = [make_chain_record(s, ops, 10) for s, ops in zip((3, 1, 4, 7), OPS)]
-CUR = CurriculumConfig(max_latent_stage=3, end_stage=3)
+FMT = Format(" ")
+CUR = CurriculumConfig(end_stage=3)
+C3 = CoconutConfig(max_latent_stage=3)
 
 
 def _encoded(tok):
-    return [encode_record(tok, r, " ") for r in RECORDS]
+    return [encode_record(tok, r, FMT) for r in RECORDS]
 
 
 @pytest.mark.parametrize("fmt", ["markers", "plain"])
@@ -30,10 +33,9 @@ def _encoded(tok):
 @pytest.mark.parametrize("stage,c", [(0, 1), (1, 1), (2, 2), (3, 1), (4, 2)])
 def test_labels_masked_on_question_markers_and_thoughts(tiny, fmt, method, stage, c):
     model, tok, ids = tiny
-    cfg = CoconutConfig(method=method, format=fmt)
-    cur = CurriculumConfig(c_thought=c, max_latent_stage=3, end_stage=4)
+    cfg = CoconutConfig(method=method, format=fmt, c_thought=c, max_latent_stage=3)
     enc = _encoded(tok)[0]
-    plan = plan_for(stage, len(enc.steps), cur, method)
+    plan = plan_for(stage, len(enc.steps), cfg)
     batch = collate([coconut_segments(enc, plan, cfg, token_ids(tok))], tok.pad_token_id)
     row, labels, latent = batch["input_ids"][0], batch["labels"][0], batch["latent_mask"][0]
     written = enc.steps if method == "cot" else enc.steps[plan.removed:]  # cot writes the removed steps in the slots
@@ -63,9 +65,10 @@ def test_plain_format_keeps_cot_positions_with_one_token_steps(tiny):
     """c = 1 and one-token steps: the thoughts sit exactly in the removed steps' columns."""
     _, tok, _ = tiny
     enc = _encoded(tok)[0]
-    cot = collate([coconut_segments(enc, plan_for(0, 3, CUR), CoconutConfig(format="plain"), token_ids(tok))], 0)
+    plain = CoconutConfig(format="plain", max_latent_stage=3)
+    cot = collate([coconut_segments(enc, plan_for(0, 3, plain), plain, token_ids(tok))], 0)
     for k in range(1, 4):
-        b = collate([coconut_segments(enc, plan_for(k, 3, CUR), CoconutConfig(format="plain"), token_ids(tok))], 0)
+        b = collate([coconut_segments(enc, plan_for(k, 3, plain), plain, token_ids(tok))], 0)
         assert b["input_ids"].shape == cot["input_ids"].shape
         assert torch.equal(b["labels"][~b["latent_mask"]], cot["labels"][~b["latent_mask"]])
 
@@ -74,9 +77,9 @@ def test_uniform_prob_builds_examples_at_other_stages(tiny):
     _, tok, _ = tiny
     enc = _encoded(tok) * 25
     ids = token_ids(tok)
-    fixed = stage_examples(enc, 2, CoconutConfig(), CUR, ids)
+    fixed = stage_examples(enc, 2, C3, ids)
     assert {sum(len(s) for r, s in ex if r == "latent") for ex in fixed} == {2}
-    mixed = stage_examples(enc, 2, CoconutConfig(), CurriculumConfig(max_latent_stage=3, uniform_prob=1.0), ids)
+    mixed = stage_examples(enc, 2, CoconutConfig(max_latent_stage=3, uniform_prob=1.0), ids)
     assert {sum(len(s) for r, s in ex if r == "latent") for ex in mixed} == {0, 1, 2, 3}
 
 
@@ -97,8 +100,8 @@ class _Recording(torch.nn.Module):
 @pytest.mark.parametrize("fmt", ["markers", "plain"])
 def test_batch_runs_through_latent_forward_with_gradients_on_thoughts(tiny, fmt):
     model, tok, ids = tiny
-    cfg = CoconutConfig(format=fmt)
-    batch = collate(stage_examples(_encoded(tok), 2, cfg, CUR, token_ids(tok)), tok.pad_token_id,
+    cfg = CoconutConfig(format=fmt, max_latent_stage=3)
+    batch = collate(stage_examples(_encoded(tok), 2, cfg, token_ids(tok)), tok.pad_token_id,
                     align="first_latent")
     assert int(batch["latent_mask"].sum()) == 2 * len(RECORDS)
     injector = _Recording(make_injector("hs[-1]"))
@@ -132,9 +135,8 @@ def test_thought_script(tiny, fmt, method, expected):
 @pytest.mark.parametrize("fmt", ["markers", "plain"])
 def test_evaluation_takes_k_times_c_latent_steps(tiny, fmt):
     model, tok, _ = tiny
-    cur = CurriculumConfig(c_thought=2, max_latent_stage=3, end_stage=3)
-    spec = eval_spec(2, CoconutConfig(format=fmt, max_new_tokens=4), cur, tok)
-    df = evaluate(model, tok, RECORDS, spec, progress=False)
+    spec = eval_spec(2, CoconutConfig(format=fmt, max_new_tokens=4, c_thought=2, max_latent_stage=3), tok, FMT)
+    df = evaluate(model, tok, RECORDS, spec, FMT, progress=False)
     assert (df.latent_steps == 4).all()
     assert (df.visible_tokens <= 4).all()  # the forced markers are not visible tokens
 
@@ -143,10 +145,10 @@ def test_one_curriculum_step_changes_every_trainable_parameter(tiny):
     model, tok, _ = tiny
     injector = make_injector("projection", model)
     before = {n: p.detach().clone() for n, p in [*model.named_parameters(), *injector.named_parameters(prefix="inj")]}
-    cur = CurriculumConfig(max_latent_stage=3, start_stage=2, end_stage=2, steps_per_stage=1,
+    cur = CurriculumConfig(start_stage=2, end_stage=2, steps_per_stage=1,
                            train=TrainConfig(steps=0, batch_size=4, lr=1e-2, warmup_steps=0))
-    run = train_coconut(model, tok, RECORDS, CoconutConfig(injection="projection"), cur, injector=injector,
-                        separator=" ", progress=False)
+    run = train_coconut(model, tok, RECORDS, CoconutConfig(injection="projection", max_latent_stage=3), cur, FMT,
+                        injector=injector, progress=False)
     assert [s.stage for s in run.stages] == [2] and run.stages[0].result.steps == 1
     after = dict([*model.named_parameters(), *injector.named_parameters(prefix="inj")])
     unchanged = [n for n, p in after.items() if torch.equal(before[n], p.detach())]
@@ -174,14 +176,27 @@ def test_seq_vcr_terms():
 
 
 def test_seq_vcr_costs_little_memory_and_is_measured(tiny):
+    """SEQ-VCR keeps at least its projected thoughts for the backward (one float per thought
+    and projected coordinate), and that is a small fraction of what the forward keeps."""
     model, tok, _ = tiny
     model.train()
-    cfg = CoconutConfig(vcr_var=1.0, vcr_cov=0.04)
-    batch = collate(stage_examples(_encoded(tok), 3, cfg, CUR, token_ids(tok)), tok.pad_token_id)
+    cfg = CoconutConfig(vcr_var=1.0, vcr_cov=0.04, max_latent_stage=3)
+    batch = collate(stage_examples(_encoded(tok), 3, cfg, token_ids(tok)), tok.pad_token_id)
     vcr = SeqVCR(model.config.hidden_size)
     plain, _ = saved_tensor_bytes(lambda: make_loss(cfg, None)(model, batch))
     with_vcr, (loss, metrics) = saved_tensor_bytes(lambda: make_loss(cfg, None, vcr)(model, batch))
-    assert with_vcr > plain and {"ce", "vcr_var", "vcr_cov"} <= set(metrics)
+    projected = int(batch["latent_mask"].sum()) * vcr.projection.shape[0] * 4  # (thoughts, P) float32
+    assert projected <= with_vcr - plain < 0.1 * plain
+    assert {"ce", "vcr_var", "vcr_cov"} <= set(metrics)
+
+
+def test_saved_tensor_bytes_counts_each_storage_once():
+    x = torch.randn(100, 30, requires_grad=True)
+    w = torch.randn(30, 20, requires_grad=True)
+    saved, y = saved_tensor_bytes(lambda: (x @ w) @ w.T)  # the first product saves x and w, the second x@w and w
+    assert saved == (100 * 30 + 30 * 20 + 100 * 20) * 4 and y.shape == (100, 30)
+    with torch.no_grad():
+        assert saved_tensor_bytes(lambda: x @ w)[0] == 0
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -196,11 +211,45 @@ def test_config_errors_name_the_value(bad, match):
         CoconutConfig(**bad)
 
 
-def test_measure_step_memory_table(tiny):
+def test_without_curriculum_trains_the_last_stage_with_the_whole_budget():
+    cur = CurriculumConfig(end_stage=4, steps_per_stage=10, final_stage_steps=30)
+    cfg, flat = without_curriculum(CoconutConfig(uniform_prob=0.3), cur)
+    assert (flat.start_stage, flat.end_stage, flat.final_stage_steps) == (4, 4, 60) and cfg.uniform_prob == 0.0
+    assert flat.total_steps == cur.total_steps
+
+
+def test_save_and_load_coconut_round_trip(tiny, tmp_path):
+    """What save_coconut writes, load_coconut reads back: the same weights (so the same
+    thoughts and tokens), both configurations, and a trained injector's weights."""
     model, tok, _ = tiny
-    table = measure_step_memory(model, tok, RECORDS, {"coconut": CoconutConfig(format="plain"),
-                                                      "coconut + SEQ-VCR": CoconutConfig(format="plain", vcr_var=1.0)},
-                                CUR, stage=3, batch_size=4, separator=" ")
-    assert list(table.config) == ["coconut", "coconut + SEQ-VCR"]
-    assert table.saved_for_backward_mb.iloc[1] > table.saved_for_backward_mb.iloc[0] > 0
-    assert "peak_rss_mb" not in table  # only with model_dir (a spawned process)
+    cfg = CoconutConfig(format="plain", injection="projection", c_thought=2, max_latent_stage=3)
+    cur = CurriculumConfig(end_stage=3, steps_per_stage=7)
+    injector = make_injector("projection", model)
+    with torch.no_grad():
+        for p in injector.parameters():
+            p.add_(torch.randn_like(p) * 0.1, alpha=1.0)
+    save_coconut(tmp_path / "m", model, tok, cfg, cur, injector=injector, meta={"seed": 0})
+    saved = load_coconut(tmp_path / "m")
+    assert saved.config == cfg and saved.curriculum == cur
+    for (n, a), b in zip(injector.state_dict().items(), saved.injector.state_dict().values()):
+        assert torch.equal(a, b), n
+    spec_a = eval_spec(3, cfg, tok, FMT, injector=injector)
+    spec_b = eval_spec(3, saved.config, saved.tokenizer, FMT, injector=saved.injector)
+    a = evaluate(model, tok, RECORDS, spec_a, FMT, progress=False)
+    b = evaluate(saved.model, saved.tokenizer, RECORDS, spec_b, FMT, progress=False)
+    assert a.prediction.tolist() == b.prediction.tolist() and (b.latent_steps == 6).all()
+    ids = torch.tensor([list(encode_record(tok, RECORDS[0], FMT).question)])
+    out_a = generate(model, ids, torch.ones_like(ids), policy=spec_a.policy(RECORDS[:1]), max_new_tokens=8,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, injector=injector)
+    out_b = generate(saved.model, ids, torch.ones_like(ids), policy=spec_b.policy(RECORDS[:1]), max_new_tokens=8,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, injector=saved.injector)
+    assert torch.allclose(out_a.thoughts, out_b.thoughts, atol=1e-6)
+
+
+def test_load_coconut_refuses_a_plain_model_directory(tiny, tmp_path):
+    from latentlib import artifacts
+
+    model, tok, _ = tiny
+    artifacts.save_model(model, tok, tmp_path / "plain", {"seed": 0})
+    with pytest.raises(ValueError, match="records no Coconut configuration"):
+        load_coconut(tmp_path / "plain")

@@ -1,4 +1,4 @@
-"""The curriculum's schedule (a pure function, table-tested) and its stage loop."""
+"""The curriculum's schedule and Coconut's stage plan (pure functions, table-tested), and the stage loop."""
 
 import random
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from latentlib.methods.coconut import CoconutConfig, StagePlan, sample_stage, stage_plan, without_curriculum
 from latentlib.training import curriculum as cur
-from latentlib.training.curriculum import (CurriculumConfig, StagePlan, sample_stage, stage_plan, stage_schedule,
-                                           train_curriculum)
+from latentlib.training.curriculum import CurriculumConfig, stage_schedule, train_curriculum
 from latentlib.training.loop import TrainConfig
 
 # (stage, n_steps, c, max_latent_stage, pad_latent_to_max) -> (steps removed, thoughts)
@@ -44,29 +44,30 @@ def test_stage_plan_rejects_negative_stage():
     (CurriculumConfig(steps_per_stage=5), [(k, 5) for k in range(1, 7)]),
     (CurriculumConfig(steps_per_stage=5, final_stage_steps=9, start_stage=0, end_stage=3),
      [(0, 5), (1, 5), (2, 5), (3, 9)]),
-    (CurriculumConfig(steps_per_stage=5, max_latent_stage=3, end_stage=4), [(1, 5), (2, 5), (3, 5), (4, 5)]),
-    (CurriculumConfig(steps_per_stage=5).without_curriculum(), [(6, 30)]),  # the whole budget at the last stage
-    (CurriculumConfig(steps_per_stage=5).without_curriculum(12), [(6, 12)]),
+    (CurriculumConfig(steps_per_stage=5, end_stage=4), [(1, 5), (2, 5), (3, 5), (4, 5)]),
+    # without curriculum: the whole budget at the last stage
+    (without_curriculum(CoconutConfig(), CurriculumConfig(steps_per_stage=5))[1], [(6, 30)]),
+    (without_curriculum(CoconutConfig(), CurriculumConfig(steps_per_stage=5), 12)[1], [(6, 12)]),
 ])
 def test_stage_schedule_table(cfg, expected):
     assert stage_schedule(cfg) == expected
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"c_thought": 0}, "c_thought=0"),
-    ({"max_latent_stage": 0}, "max_latent_stage=0"),
-    ({"start_stage": 4, "end_stage": 2}, "start_stage=4"),
-    ({"uniform_prob": 1.5}, "uniform_prob=1.5"),
-    ({"steps_per_stage": -1}, "steps_per_stage=-1"),
+@pytest.mark.parametrize("config,bad,match", [
+    (CoconutConfig, {"c_thought": 0}, "c_thought=0"),
+    (CoconutConfig, {"max_latent_stage": 0}, "max_latent_stage=0"),
+    (CurriculumConfig, {"start_stage": 4, "end_stage": 2}, "start_stage=4"),
+    (CoconutConfig, {"uniform_prob": 1.5}, "uniform_prob=1.5"),
+    (CurriculumConfig, {"steps_per_stage": -1}, "steps_per_stage=-1"),
 ])
-def test_config_errors_name_the_value(bad, match):
+def test_config_errors_name_the_value(config, bad, match):
     with pytest.raises(ValueError, match=match):
-        CurriculumConfig(**bad)
+        config(**bad)
 
 
 def test_without_curriculum_has_no_earlier_stage():
-    cfg = CurriculumConfig(steps_per_stage=5, uniform_prob=0.3).without_curriculum()
-    assert cfg.uniform_prob == 0.0 and cfg.start_stage == cfg.end_stage == 6
+    cfg, cur_ = without_curriculum(CoconutConfig(uniform_prob=0.3), CurriculumConfig(steps_per_stage=5))
+    assert cfg.uniform_prob == 0.0 and cur_.start_stage == cur_.end_stage == 6
 
 
 def test_sample_stage_mixes_in_every_stage_at_uniform_prob():

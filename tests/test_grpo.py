@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from latentlib.methods import switch as sw
+from latentlib.methods.switch import grpo
+from latentlib.methods.switch.grpo import Completions, SwitchGRPOConfig
+from latentlib.tasks import Format
 from latentlib.tasks.synthetic import make_chain_record
-from latentlib.training import grpo
-from latentlib.training.grpo import Completions, SwitchGRPOConfig
+
+FMT = Format(" ")
 
 # ---------------------------------------------------------------------------- advantages
 
@@ -126,7 +129,7 @@ def test_rollouts_are_one_engine_call_and_scoring_reproduces_them(eager, monkeyp
     monkeypatch.setattr(grpo, "generate", counting)
     cfg = SwitchGRPOConfig(num_generations=3, generation_batch_size=12, max_completion_length=12)
     scfg = sw.SwitchConfig(k_min=2, k_max=3, positions=positions)
-    batch = grpo.rollout(model, tok, RECORDS, cfg, scfg, seeds=list(range(12)), separator=" ")
+    batch = grpo.rollout(model, tok, RECORDS, cfg, scfg, FMT, seeds=list(range(12)))
     assert calls == [12]  # G x B sequences in one call
     assert batch["latent_mask"].any() and batch["completion_mask"].any()
     logps = grpo.completion_logps(model, batch, scfg, sw.switch_ids(tok), temperature=cfg.temperature)
@@ -145,7 +148,7 @@ def test_one_grpo_step_changes_every_trainable_parameter(eager):
                            max_completion_length=10, reward_weights=(1.0, 0.5), beta=0.01)
     scfg = sw.SwitchConfig(k_min=2, k_max=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    run = grpo.train_switch_grpo(model, tok, RECORDS, cfg, scfg, separator=" ", progress=False,
+    run = grpo.train_switch_grpo(model, tok, RECORDS, cfg, scfg, FMT, progress=False,
                                  reward_funcs=(length_reward, grpo.latent_usage_reward))
     row = run.result.history[-1]
     assert math.isfinite(row["loss"]) and row["frac_reward_zero_std"] < 1
@@ -157,7 +160,7 @@ def test_reward_weights_must_match_functions(eager):
     model, tok, _ = eager
     cfg = SwitchGRPOConfig(num_generations=2, generation_batch_size=2, reward_weights=(1.0,), max_completion_length=4)
     with pytest.raises(ValueError, match="reward_weights"):
-        grpo.rollout(model, tok, RECORDS[:1], cfg, sw.SwitchConfig(k_min=1, k_max=2), seeds=[0, 1], separator=" ")
+        grpo.rollout(model, tok, RECORDS[:1], cfg, sw.SwitchConfig(k_min=1, k_max=2), FMT, seeds=[0, 1])
 
 
 def test_forced_exits_are_found_after_k_max_steps():

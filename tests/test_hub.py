@@ -12,13 +12,13 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from latentlib.hub import (
-    WeightsUnavailableError,
-    count_parameters,
-    embedding_rms,
-    load_hub_model,
-    load_smollm2,
-)
+from latentlib.hub import WeightsUnavailableError, load_hub_model, load_smollm2
+from latentlib.injection import embedding_rms
+
+
+def count_parameters(model) -> int:
+    """Distinct parameters (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())
 
 # A repository id that is certainly not in any local cache.
 MISSING_HUB_ID = "latentlib-tests/definitely-not-cached-model"

@@ -6,13 +6,15 @@ import pandas as pd
 import pytest
 import torch
 
-from latentlib.batching import IGNORE, collate, encode_record, prompt_batch
+from latentlib.batching import IGNORE, collate, cot_segments, encode_record, prompt_batch
 from latentlib.evaluate import EvalSpec, evaluate
-from latentlib.methods import pause, planning, prefix, steering, upft
+from latentlib.methods.light import pause, planning, prefix, steering, upft
 from latentlib.recurrence import position_ids_for
-from latentlib.tasks import make_chain_record
-from latentlib.training.base import cot_segments, lm_loss
+from latentlib.tasks import Format, make_chain_record
 from latentlib.training.loop import TrainConfig
+from latentlib.training.losses import lm_loss
+
+FMT = Format(" ")
 
 OPS = ("+1", "+2", "+3", "*3", "*7")  # the fixture tokenizer's operations
 
@@ -68,13 +70,13 @@ def test_prefix_evaluation_is_reproducible_and_independent_of_batching(tiny):
     model, tok, _ = tiny
     records = chain_records(12)
     cfg = prefix.PrefixConfig(n_prefix=2, scale=1.0, num_draws=1, seed=0)
-    spec = prefix.prefix_spec(model, tok, cfg, draw=0, max_new_tokens=6)
-    a = evaluate(model, tok, records, spec, batch_size=12, progress=False)
-    b = evaluate(model, tok, records[::-1], spec, batch_size=5, progress=False)[::-1]
+    spec = prefix.prefix_spec(model, tok, cfg, 0, FMT, max_new_tokens=6)
+    a = evaluate(model, tok, records, spec, FMT, batch_size=12, progress=False)
+    b = evaluate(model, tok, records[::-1], spec, FMT, batch_size=5, progress=False)[::-1]
     assert list(a.prediction) == list(b.prediction)
-    plain = evaluate(model, tok, records, EvalSpec("plain", max_new_tokens=6), progress=False)
-    other = evaluate(model, tok, records, prefix.prefix_spec(model, tok, prefix.PrefixConfig(seed=1), 0,
-                                                             max_new_tokens=6), progress=False)
+    plain = evaluate(model, tok, records, EvalSpec("plain", max_new_tokens=6), FMT, progress=False)
+    other = evaluate(model, tok, records, prefix.prefix_spec(model, tok, prefix.PrefixConfig(seed=1), 0, FMT,
+                                                             max_new_tokens=6), FMT, progress=False)
     assert list(a.prediction) != list(plain.prediction)  # the prefix does something
     assert list(a.prediction) != list(other.prediction)  # and another seed does something else
 
@@ -82,7 +84,7 @@ def test_prefix_evaluation_is_reproducible_and_independent_of_batching(tiny):
 def test_random_prefix_summary_invariants(tiny):
     model, tok, _ = tiny
     records = chain_records(10)
-    res = prefix.evaluate_random_prefix(model, tok, records, prefix.PrefixConfig(num_draws=3), max_new_tokens=6)
+    res = prefix.evaluate_random_prefix(model, tok, records, prefix.PrefixConfig(num_draws=3), FMT, max_new_tokens=6)
     s = res.summary
     assert len(res.per_problem) == 10 * 4 and set(res.per_problem.draw) == {-1, 0, 1, 2}
     assert s["accuracy_prefix_min"] <= s["accuracy_prefix"] <= s["accuracy_prefix_max"] <= s["oracle_coverage"]
@@ -175,11 +177,12 @@ def test_contrast_direction_is_the_difference_of_means(tiny):
 def test_steering_sweep_rows(tiny):
     model, tok, _ = tiny
     records = chain_records(6)
-    pairs = [(encode_record(tok, a).question, encode_record(tok, b).question)
+    pairs = [(encode_record(tok, a, FMT).question, encode_record(tok, b, FMT).question)
              for a, b in steering.first_step_parity_pairs(chain_records(8, seed=1), 4, max_add=3)]
     dirs = steering.contrast_directions(model, pairs, [0, 3], pad_id=tok.pad_token_id)
     table, per_problem = steering.steering_sweep(model, tok, records, dirs, [-1.0, 50.0],
-                                                 EvalSpec("s", max_new_tokens=5), readout=steering.first_step_even_rate)
+                                                 EvalSpec("s", max_new_tokens=5), FMT,
+                                                 readout=steering.first_step_even_rate)
     assert list(zip(table.layer, table.coefficient)) == [(-1, 0.0), (0, -1.0), (0, 50.0), (3, -1.0), (3, 50.0)]
     assert table.answer_changed.iloc[0] == 0 and table.answer_changed.max() > 0
     assert all(d.norm > 0 for d in dirs.values())
@@ -220,7 +223,7 @@ def test_first_n_mask(row, n, expected):
 def test_upft_labels_cover_exactly_the_first_n_reasoning_tokens(tiny, n, truncate):
     _, tok, _ = tiny
     records = [make_chain_record(3, ops, 10) for ops in (["+1", "*3", "+2", "*7", "+3"], ["+2"])]
-    encs = [encode_record(tok, r) for r in records]
+    encs = [encode_record(tok, r, FMT) for r in records]
     batch = collate([upft.upft_segments(e, n, truncate=truncate) for e in encs], tok.pad_token_id)
     for b, e in enumerate(encs):
         reasoning = [t for s in e.steps for t in s]
@@ -231,7 +234,7 @@ def test_upft_labels_cover_exactly_the_first_n_reasoning_tokens(tiny, n, truncat
 
 def test_truncated_prefix_gives_the_masked_loss_and_gradients(tiny):
     model, tok, _ = tiny
-    encs = [encode_record(tok, r) for r in chain_records(4, n_ops=5)]
+    encs = [encode_record(tok, r, FMT) for r in chain_records(4, n_ops=5)]
     grads, losses = [], []
     for truncate in (True, False):
         model.zero_grad()
@@ -248,7 +251,7 @@ def test_truncated_prefix_gives_the_masked_loss_and_gradients(tiny):
 
 def test_bucketed_loss_equals_the_one_padded_batch(tiny):
     model, tok, _ = tiny
-    encs = [encode_record(tok, r) for r in chain_records(8, n_ops=5)]
+    encs = [encode_record(tok, r, FMT) for r in chain_records(8, n_ops=5)]
     examples = upft.upft_examples(encs, upft.UPFTConfig(prefix_tokens=2, structure_ratio=0.3), seed=1)
     assert 0 < sum(len(ex) == 3 for ex in examples) < len(examples)  # a mix of whole and prefix examples
     buckets = upft.collate_buckets(examples, tok.pad_token_id)
@@ -262,15 +265,15 @@ def test_bucketed_loss_equals_the_one_padded_batch(tiny):
 @pytest.mark.parametrize("ratio, expected", [(0.0, 0), (1.0, 50)])
 def test_upft_structure_ratio_extremes(tiny, ratio, expected):
     _, tok, _ = tiny
-    encs = [encode_record(tok, r) for r in chain_records(50)]
+    encs = [encode_record(tok, r, FMT) for r in chain_records(50)]
     examples = upft.upft_examples(encs, upft.UPFTConfig(prefix_tokens=2, structure_ratio=ratio))
     assert sum(ex == cot_segments(e) for ex, e in zip(examples, encs)) == expected
 
 
 def test_sample_prefixes_are_the_models_own_tokens(tiny):
     model, tok, _ = tiny
-    encs = upft.sample_prefixes(model, tok, chain_records(3), 4, temperature=1.0, seed=0)
-    again = upft.sample_prefixes(model, tok, chain_records(3), 4, temperature=1.0, seed=0)
+    encs = upft.sample_prefixes(model, tok, chain_records(3), 4, FMT, temperature=1.0, seed=0)
+    again = upft.sample_prefixes(model, tok, chain_records(3), 4, FMT, temperature=1.0, seed=0)
     assert encs == again and all(1 <= len(e.steps[0]) <= 4 for e in encs)
 
 
@@ -278,7 +281,7 @@ def test_upft_training_step_changes_every_parameter(tiny):
     model, tok, _ = tiny
     before = snapshot(model)
     cfg = upft.UPFTConfig(prefix_tokens=2, train=TrainConfig(steps=1, batch_size=8, lr=1e-2, warmup_steps=0))
-    upft.train_upft(model, tok, chain_records(16), cfg, progress=False)
+    upft.train_upft(model, tok, chain_records(16), cfg, FMT, progress=False)
     changed = {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}
     assert all(changed.values()), [n for n, c in changed.items() if not c]
 
@@ -290,7 +293,7 @@ def test_upft_training_step_changes_every_parameter(tiny):
 @pytest.mark.parametrize("kind", ["nocot", "cot"])
 def test_pause_segments_put_no_loss_on_pauses(tiny, placement, kind):
     _, tok, ids = tiny
-    enc = encode_record(tok, make_chain_record(3, ["+1", "*3"], 10))
+    enc = encode_record(tok, make_chain_record(3, ["+1", "*3"], 10), FMT)
     batch = collate([pause.pause_segments(enc, ids["<pause>"], 3, placement=placement, kind=kind)], tok.pad_token_id)
     row, labels = batch["input_ids"][0], batch["labels"][0]
     at = (row == ids["<pause>"]).nonzero().flatten().tolist()
@@ -307,7 +310,7 @@ def test_pause_row_training_changes_only_the_pause_row(tiny):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     cfg = pause.PauseConfig(n_pause=2, trainable="pause_row",
                             train=TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup_steps=0))
-    pause.train_pause(model, tok, chain_records(16), cfg, progress=False)
+    pause.train_pause(model, tok, chain_records(16), cfg, FMT, progress=False)
     for name, p in model.named_parameters():
         if p is model.get_input_embeddings().weight:
             changed = (p != before[name]).any(-1).nonzero().flatten().tolist()
@@ -321,7 +324,7 @@ def test_pause_training_changes_every_parameter(tiny):
     model, tok, ids = tiny
     before = snapshot(model)
     cfg = pause.PauseConfig(n_pause=2, train=TrainConfig(steps=1, batch_size=8, lr=1e-2, warmup_steps=0))
-    pause.train_pause(model, tok, chain_records(16), cfg, progress=False)
+    pause.train_pause(model, tok, chain_records(16), cfg, FMT, progress=False)
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not torch.equal(model.get_input_embeddings().weight[ids["<pause>"]],
                            before["model.embed_tokens.weight"][ids["<pause>"]])
@@ -329,7 +332,7 @@ def test_pause_training_changes_every_parameter(tiny):
 
 def test_pause_spec_prompts_end_with_the_pauses(tiny):
     model, tok, ids = tiny
-    spec = pause.pause_spec(tok, 3, separator="\n")
+    spec = pause.pause_spec(tok, 3, Format("\n"))
     prompt = spec.prompt(make_chain_record(3, ["+1"], 10))
     assert list(prompt[-3:]) == [ids["<pause>"]] * 3 and ids["<pause>"] not in prompt[:-3]
 
@@ -352,13 +355,13 @@ def test_planning_token_before_every_step_and_invisible(tiny):
     n_before = model.get_input_embeddings().weight.shape[0]
     plan = planning.add_plan_token(model, tok)
     assert model.get_input_embeddings().weight.shape[0] == n_before + 1 and plan in tok.all_special_ids
-    enc = encode_record(tok, make_chain_record(3, ["+1", "*3", "+2"], 10))
+    enc = encode_record(tok, make_chain_record(3, ["+1", "*3", "+2"], 10), FMT)
     batch = collate([planning.planning_segments(enc, plan)], tok.pad_token_id)
     labelled = batch["labels"][0][batch["labels"][0] != IGNORE].tolist()
     steps = [list(s) for s in enc.steps]
     assert labelled == [plan] + steps[0] + [plan] + steps[1] + [plan] + steps[2] + list(enc.answer)
     # Planning tokens are special, so evaluation does not count them as visible.
-    df = evaluate(model, tok, [make_chain_record(3, ["+1"], 10)], EvalSpec("p", max_new_tokens=4), progress=False)
+    df = evaluate(model, tok, [make_chain_record(3, ["+1"], 10)], EvalSpec("p", max_new_tokens=4), FMT, progress=False)
     assert df.visible_tokens.iloc[0] <= 4
 
 
@@ -367,7 +370,7 @@ def test_planning_training_changes_every_parameter(tiny):
     cfg = planning.PlanningConfig(train=TrainConfig(steps=1, batch_size=8, lr=1e-2, warmup_steps=0))
     plan = planning.add_plan_token(model, tok)
     before = snapshot(model)
-    planning.train_planning(model, tok, chain_records(16), cfg, progress=False)
+    planning.train_planning(model, tok, chain_records(16), cfg, FMT, progress=False)
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not torch.equal(model.get_input_embeddings().weight[plan], before["model.embed_tokens.weight"][plan])
 
@@ -376,36 +379,38 @@ def test_planning_training_changes_every_parameter(tiny):
 
 
 def test_light_methods_table_smoke(tmp_path, monkeypatch):
-    from latentlib.methods.light import LightConfig, light_methods_table
-    from latentlib.tasks import ChainConfig
-    from latentlib.training.base import chain_task
+    from latentlib.stages import LightConfig, light_methods_table
+    from latentlib.tasks import TaskConfig
 
     monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path))
-    splits, words = chain_task(ChainConfig(n_ops=3, n_train=64, n_valid=16, n_test=8))
-    cfg = LightConfig(steps=2, batch_size=16, warmup_steps=0, prefix_draws=2, steer_pairs=4, steer_layers=(0,),
-                      steer_coefficients=(1.0,), steer_row=(0, 1.0), upft_tokens=(2,), eval_batch=8)
-    res = light_methods_table("smoke", splits, words, cfg)
+    cfg = LightConfig(task=TaskConfig(n_train=64, n_test=8), steps=2, batch_size=16, warmup_steps=0, prefix_draws=2,
+                      steer_pairs=4, steer_layers=(0,), steer_coefficients=(1.0,), steer_row=(0, 1.0),
+                      upft_tokens=(2,), eval_batch=8)
+    res = light_methods_table("smoke", cfg)
     t = res.table.set_index("method")
     assert t.loc["baseline (CoT)", "train_time_x"] == 1.0 and t.accuracy.between(0, 1).all()
     assert {"random prefix (CoT)", "pause x4 untrained (no-CoT)", "pause x4 trained (no-CoT)", "UPFT n=2",
             "planning tokens", "steering (layer 0, x1)"} <= set(t.index)
     assert t.loc["UPFT n=2", "train_tokens_x"] < 1 < t.loc["planning tokens", "train_tokens_x"]
     assert t.step_time_x.gt(0).all() and t.loc["baseline (CoT)", "step_time_x"] == 1.0
-    again = light_methods_table("smoke", splits, words, cfg)  # every model is reused from the run directory
+    assert (tmp_path / "smoke" / "light" / "cot").is_dir()  # no base model of this budget in base/: trained here
+    again = light_methods_table("smoke", cfg)  # every model is reused from the run directory
     timing = ["step_time_x"]  # measured anew each call
     pd.testing.assert_frame_equal(again.table.drop(columns=timing), res.table.drop(columns=timing))
-    with pytest.raises(ValueError, match="another configuration"):  # a cached model of another budget is not reused
-        light_methods_table("smoke", splits, words, dataclasses.replace(cfg, steps=3))
+    longer = light_methods_table("smoke", dataclasses.replace(cfg, steps=3))  # another budget: every row retrained
+    assert [len(longer.details[k]) for k in ("history upft2", "history planning")] == [3, 3]
+    assert len(res.details["history upft2"]) == 2
 
 
 def test_training_free_table_on_a_chat_free_model(tiny):
-    from latentlib.methods.light import training_free_table
+    from latentlib.stages import training_free_table
 
     model, tok, _ = tiny
     records = chain_records(6)
-    pairs = [(encode_record(tok, a).question, encode_record(tok, b).question)
+    pairs = [(encode_record(tok, a, FMT).question, encode_record(tok, b, FMT).question)
              for a, b in steering.first_step_parity_pairs(chain_records(8, seed=1), 4, max_add=3)]
-    res = training_free_table(model, tok, records, prompt=lambda r: encode_record(tok, r).question, pairs=pairs,
+    res = training_free_table(model, tok, records, FMT, prompt=lambda r: encode_record(tok, r, FMT).question,
+                              pairs=pairs,
                               layers=[1], coefficients=[2.0], prefix=prefix.PrefixConfig(num_draws=2),
                               max_new_tokens=5)
     assert list(res.table.method) == ["baseline", "random prefix (n=2, x1 RMS)", "steering (layer 1, x2)"]

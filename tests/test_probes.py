@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from latentlib.injection import make_injector
-from latentlib.probes import (AblatedInjector, boundary_features, latent_thoughts, lens_matches_steps, lens_step_matrix,
-                              linear_probe, logit_lens, position_table, token_ranks)
+from latentlib.probes import (AblatedInjector, boundary_features, latent_thoughts, lens_step_matrix, linear_probe,
+                              logit_lens, position_table, token_ranks)
 
 
 def _states(B=4, D=8, L=3, seed=0):
@@ -52,8 +52,8 @@ def test_logit_lens_reads_the_token_a_vector_points_to(tiny):
     vectors = emb[target] * 50  # tied embeddings: a scaled row decodes to its own token
     idx, p = logit_lens(model, vectors, top_k=1)
     assert idx[:, 0].tolist() == target
-    hits = lens_matches_steps(model, tok, vectors.reshape(1, 2, -1), [["7", "4"]])
-    assert hits.tolist() == [1.0, 0.0]
+    hits = lens_step_matrix(model, tok, vectors.reshape(1, 2, -1), [["7", "4"]])
+    assert hits.tolist() == [[1.0, 0.0], [0.0, 0.0]]  # thought 1 is step 1's value; thought 2 ("3") no step's
 
 
 def _scripted_trace(model, tok, ids, temperature=1.0):

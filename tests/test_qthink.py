@@ -12,10 +12,13 @@ from latentlib.injection import ProjectionHead
 from latentlib.methods.qthink import (HEAD_FILE, HeadShapeError, UnsafeCheckpointError, load_head, load_qthink,
                                       make_projection, qthink_segments, save_head, save_qthink, think)
 from latentlib.recurrence import latent_forward
-from latentlib.tasks import Record
-from latentlib.training.distill import (DistillConfig, distill_distance, distill_examples, distill_loss,
-                                        make_distill_batch, train_qthink)
+from latentlib.methods.qthink import (DistillConfig, distill_distance, distill_examples, distill_loss,
+                                      make_distill_batch, train_qthink)
+from latentlib.tasks import Format, Record
+from latentlib.training.lora import apply_lora
 from latentlib.training.loop import TrainConfig, train
+
+FMT = Format(" ")
 
 RECORDS = [Record("1 +2 *3 =", ("3", "9"), "9"), Record("4 +1 +1 =", ("5", "6"), "6"),
            Record("2 *7 +3 =", ("4", "7"), "7"), Record("0 +3 *3 =", ("3", "9"), "9")]
@@ -28,7 +31,7 @@ def runs(tmp_path, monkeypatch):
 
 
 def _batch(tok, ids, records, K=2, teacher_states=None):
-    segs = [qthink_segments(encode_record(tok, r, " "), K, ids["<latent>"]) for r in records]
+    segs = [qthink_segments(encode_record(tok, r, FMT), K, ids["<latent>"]) for r in records]
     examples = [{"segments": s, "teacher": None if teacher_states is None else teacher_states[i]}
                 for i, s in enumerate(segs)]
     return make_distill_batch(tok.pad_token_id)(examples)
@@ -44,7 +47,7 @@ def test_think_equals_the_cards_reference_loop(tiny):
     torch.manual_seed(0)
     projection = make_projection(model)
     K, new = 3, 5
-    prompt = list(encode_record(tok, RECORDS[0], " ").question)
+    prompt = list(encode_record(tok, RECORDS[0], FMT).question)
     trace = think(model, tok, projection, [prompt], num_latent=K, max_new_tokens=new)
 
     with torch.no_grad():
@@ -92,7 +95,7 @@ def test_saved_head_reloads_to_identical_outputs(tiny, tmp_path):
     assert sorted(state) == ["mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight", "mlp.3.bias",
                              "mlp.3.weight"]  # the release's layout
     model2, tok2, projection2 = load_qthink(tmp_path / "ckpt")
-    prompts = [list(encode_record(tok, r, " ").question) for r in RECORDS]
+    prompts = [list(encode_record(tok, r, FMT).question) for r in RECORDS]
     a = think(model, tok, projection, prompts, num_latent=3, max_new_tokens=4)
     b = think(model2, tok2, projection2, prompts, num_latent=3, max_new_tokens=4)
     assert torch.equal(a.thoughts, b.thoughts) and torch.equal(a.tokens, b.tokens)
@@ -219,8 +222,10 @@ def _fake_teacher(run, model, tok, monkeypatch, K=2):
     bias[tok.convert_tokens_to_ids("####")] = 4.0
     handle = model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
     cfg = teacher.TeacherConfig(num_generations=8, temperature=3.0, max_completion_length=8, num_steps=K,
-                                capture_layers=(-1, 2), separator=" ")
-    summary = teacher.extract_teacher(model, tok, RECORDS, cfg, run=run, progress=False)
+                                capture_layers=(-1, 2))
+    summary = teacher.extract_teacher(model, tok, RECORDS, cfg, FMT, directory=artifacts.artifact_dir(run, "teacher",
+                                                                                                      "teacher"),
+                                      key="fake", meta={"seed": 0}, progress=False)
     handle.remove()
     return summary
 
@@ -231,17 +236,17 @@ def test_examples_leave_out_problems_without_a_teacher(tiny, runs, monkeypatch):
     t = teacher.load_teacher("r", weighting="reward_weighted")
     assert 0 < int(t.has_teacher.sum()) < len(RECORDS), "the fixture should give some problems no teacher"
     cfg = DistillConfig(mode="reward_weighted", distill_steps="per_step", num_latent=2)
-    ex = distill_examples(tok, RECORDS, cfg, separator=" ", teacher=t, layers=[2, 4])
+    ex = distill_examples(tok, RECORDS, cfg, FMT, teacher=t, layers=[2, 4])
     assert len(ex) == int(t.has_teacher.sum())
     assert ex[0]["teacher"].shape == (2, 2, model.config.hidden_size)  # (S=K, L, D)
     with pytest.raises(ValueError, match="num_steps=3"):
         distill_examples(tok, RECORDS, DistillConfig(mode="uniform", distill_steps="per_step", num_latent=3),
-                         separator=" ", teacher=t, layers=[4])
-    final = distill_examples(tok, RECORDS, DistillConfig(mode="uniform", num_latent=3), separator=" ", teacher=t,
+                         FMT, teacher=t, layers=[4])
+    final = distill_examples(tok, RECORDS, DistillConfig(mode="uniform", num_latent=3), FMT, teacher=t,
                              layers=[4])
     assert final[0]["teacher"].shape == (1, 1, model.config.hidden_size)
     with pytest.raises(ValueError, match="same list"):
-        distill_examples(tok, RECORDS[:2], cfg, separator=" ", teacher=t, layers=[4])
+        distill_examples(tok, RECORDS[:2], cfg, FMT, teacher=t, layers=[4])
 
 
 def _changed(before, module):
@@ -250,18 +255,16 @@ def _changed(before, module):
 
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_training_changes_every_trainable_parameter(tiny, use_lora):
-    from latentlib.training.distill import apply_lora
-
     model, tok, ids = tiny
     K = 2
     cfg = DistillConfig(mode="uniform", distill_steps="per_step", num_latent=K, use_lora=use_lora, lora_r=4,
                         lora_alpha=8)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     if use_lora:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
     projection = make_projection(model)
     torch.manual_seed(0)
-    examples = [{"segments": qthink_segments(encode_record(tok, r, " "), K, ids["<latent>"]),
+    examples = [{"segments": qthink_segments(encode_record(tok, r, FMT), K, ids["<latent>"]),
                  "teacher": torch.randn(K, 1, model.get_input_embeddings().weight.shape[1])} for r in RECORDS]
     before = {n: p.detach().clone() for n, p in [*model.named_parameters(), *projection.named_parameters()]}
     # two steps: LoRA's B starts at zero, so A receives its first gradient on the second step
@@ -279,14 +282,12 @@ def test_training_changes_every_trainable_parameter(tiny, use_lora):
 
 
 def test_lora_checkpoint_reloads_to_identical_outputs(tiny, tmp_path):
-    from latentlib.training.distill import apply_lora
-
     model, tok, ids = tiny
     base_dir = tmp_path / "base"
     model.save_pretrained(base_dir)
     cfg = DistillConfig(mode="latent", num_latent=2, use_lora=True, lora_r=4, lora_alpha=8,
                         lora_targets=("q_proj", "v_proj"))
-    peft_model = apply_lora(model, cfg)
+    peft_model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -295,7 +296,7 @@ def test_lora_checkpoint_reloads_to_identical_outputs(tiny, tmp_path):
     save_qthink(tmp_path / "ckpt", peft_model, tok, projection, {"seed": 0})
     assert (tmp_path / "ckpt" / "adapter_config.json").is_file()
     loaded, tok2, projection2 = load_qthink(tmp_path / "ckpt", base_model=str(base_dir))
-    prompts = [list(encode_record(tok, r, " ").question) for r in RECORDS]
+    prompts = [list(encode_record(tok, r, FMT).question) for r in RECORDS]
     a = think(peft_model, tok, projection, prompts, num_latent=2, max_new_tokens=4)
     b = think(loaded, tok2, projection2, prompts, num_latent=2, max_new_tokens=4)
     assert torch.equal(a.tokens, b.tokens)
@@ -303,41 +304,31 @@ def test_lora_checkpoint_reloads_to_identical_outputs(tiny, tmp_path):
 
 
 def test_lora_targets_that_do_not_exist_are_named(tiny):
-    from latentlib.training.distill import apply_lora
-
     model, _, _ = tiny
     with pytest.raises(ValueError, match="c_attn"):
-        apply_lora(model, DistillConfig(use_lora=True, lora_targets=("c_attn",)))
+        apply_lora(model, r=4, alpha=8, targets=("c_attn",))
 
 
 @pytest.mark.parametrize("mode", ["sft", "latent", "uniform", "reward_weighted"])
-def test_train_qthink_saves_and_reuses(tiny, runs, monkeypatch, mode):
+def test_train_qthink_trains_and_its_checkpoint_reloads(tiny, runs, monkeypatch, tmp_path, mode):
     model, tok, ids = tiny
     _fake_teacher("r", model, tok, monkeypatch)
     cfg = DistillConfig(mode=mode, distill_steps="per_step", num_latent=2,
                         train=TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0))
-    m, tok2, projection, result = train_qthink("r", cfg, RECORDS, model, tok, name=mode, separator=" ",
-                                               progress=False)
-    d = artifacts.artifact_dir("r", "qthink", mode)
-    assert artifacts.is_complete(d) and result.steps == 2
-    assert (d / HEAD_FILE).is_file() == (mode != "sft") and (projection is None) == (mode == "sft")
-    again = train_qthink("r", cfg, RECORDS, model, tok, name=mode, separator=" ", progress=False)
-    assert again[3].history == result.history
+    states = teacher.load_teacher("r", weighting=mode) if cfg.uses_teacher else None
+    m, projection, result = train_qthink(model, tok, RECORDS, cfg, FMT, teacher=states, progress=False)
+    assert result.steps == 2 and (projection is None) == (mode == "sft")
+    save_qthink(tmp_path / mode, m, tok, projection, {"seed": 0})
+    assert (tmp_path / mode / HEAD_FILE).is_file() == (mode != "sft")
+    loaded, _, projection2 = load_qthink(tmp_path / mode)
     if projection is not None:
-        for a, b in zip(projection.state_dict().values(), again[2].state_dict().values()):
+        for a, b in zip(projection.state_dict().values(), projection2.state_dict().values()):
             assert torch.equal(a, b)
+    x = torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(loaded(input_ids=x).logits, m(input_ids=x).logits)
 
 
-def test_train_qthink_retrains_when_the_configuration_changes(tiny, runs):
-    model, tok, ids = tiny
-
-    def run(steps):
-        cfg = DistillConfig(mode="latent", num_latent=2, train=TrainConfig(steps=steps, batch_size=2, lr=1e-3,
-                                                                            warmup_steps=0, log_every=1))
-        return train_qthink("r", cfg, RECORDS, model, tok, name="latent", separator=" ", progress=False)[3]
-
-    assert len(run(1).history) == 1
-    assert len(run(2).history) == 2  # not the 1-step checkpoint
-    marker = artifacts.artifact_dir("r", "qthink", "latent") / artifacts.COMPLETE
-    written = marker.stat().st_mtime_ns
-    assert len(run(2).history) == 2 and marker.stat().st_mtime_ns == written  # the same configuration: reused
+def test_a_teacher_mode_without_a_teacher_is_refused(tiny):
+    model, tok, _ = tiny
+    with pytest.raises(ValueError, match="load_teacher"):
+        train_qthink(model, tok, RECORDS, DistillConfig(mode="uniform"), FMT, progress=False)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from latentlib import artifacts
-from latentlib.batching import collate, encode_record
+from latentlib.batching import collate, cot_segments, encode_record
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer
-from latentlib.tasks import ChainConfig, chain_vocabulary, make_chain_splits
-from latentlib.training.base import cot_segments, lm_loss
+from latentlib.tasks import ChainConfig, Format, chain_vocabulary, make_chain_splits
+from latentlib.training.losses import lm_loss
 from latentlib.training.loop import NonFiniteLossError, TrainConfig, train
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -58,7 +58,7 @@ def _small_setup():
     tok = build_tiny_tokenizer(chain_vocabulary(cfg))
     model = build_tiny_model(len(tok), Preset("t", "scratch", hidden_size=32, num_layers=2, num_heads=2,
                                               num_kv_heads=1, intermediate_size=64), seed=1)
-    examples = [cot_segments(encode_record(tok, r, " ")) for r in make_chain_splits(cfg).train]
+    examples = [cot_segments(encode_record(tok, r, Format(" "))) for r in make_chain_splits(cfg).train]
     return model, tok, examples
 
 

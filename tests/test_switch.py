@@ -9,8 +9,11 @@ from latentlib.methods import switch as sw
 from latentlib.methods.switch import BlockPlan, Span
 from latentlib.policies import SwitchPolicy
 from latentlib.recurrence import generate
+from latentlib.tasks import Format
 from latentlib.tasks.synthetic import make_chain_record
 from latentlib.training.loop import TrainConfig
+
+FMT = Format(" ")
 
 # ---------------------------------------------------------------------------- phase 1: spans
 
@@ -54,8 +57,8 @@ def test_step_entropy_and_threshold():
 def test_render_switch_text():
     steps = ["7", "9", "1", "4"]
     spans = [Span(0, 1, False), Span(1, 3, True), Span(3, 4, False)]
-    assert sw.render_switch_text(steps, spans) == "7 <swi> 9 1 </swi> 4"
-    assert sw.render_switch_text(steps, spans, plans=[BlockPlan(1, 2)]) == "7 <swi> <latent> <latent> 1 </swi> 4"
+    assert sw.render_switch_text(steps, spans, " ") == "7 <swi> 9 1 </swi> 4"
+    assert sw.render_switch_text(steps, spans, " ", plans=[BlockPlan(1, 2)]) == "7 <swi> <latent> <latent> 1 </swi> 4"
 
 
 def test_label_spans_pooled_by_operation():
@@ -84,9 +87,9 @@ def test_span_rule_validation(kwargs, match):
 def test_gold_step_entropies_match_a_plain_forward(tiny):
     model, tok, _ = tiny
     records = [make_chain_record(3, ["+1", "*3"], 10), make_chain_record(5, ["+2", "+3", "*7"], 10)]
-    ents = sw.gold_step_entropies(model, tok, records, separator=" ")
+    ents = sw.gold_step_entropies(model, tok, records, FMT)
     assert [len(e) for e in ents] == [2, 3]
-    enc = encode_record(tok, records[1], " ")
+    enc = encode_record(tok, records[1], FMT)
     ids = torch.tensor([list(enc.question) + [t for s in enc.steps for t in s]])
     logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
     ent = -(logp.exp() * logp).sum(-1)
@@ -104,9 +107,9 @@ def test_teacher_step_entropies_use_matching_correct_rollouts():
         {"problem": 0, "correct": True, "text": "5 2 #### 2", "positions": [0, 1, 2, 3], "entropy": [9, 9, 9, 9]},
         {"problem": 0, "correct": False, "text": "4 3 #### 3", "positions": [0, 1, 2, 3], "entropy": [9, 9, 9, 9]},
     ])
-    ents = sw.teacher_step_entropies(rows, records, separator=" ")
+    ents = sw.teacher_step_entropies(rows, records, FMT)
     assert ents[0] == pytest.approx([0.3, 0.6])
-    assert sw.teacher_step_entropies(rows.iloc[2:], records, separator=" ") == [None]
+    assert sw.teacher_step_entropies(rows.iloc[2:], records, FMT) == [None]
 
 
 # ---------------------------------------------------------------------------- phase 2: schedule
@@ -153,7 +156,7 @@ def test_segments_of_both_phases(tiny):
     _, tok, ids_ = tiny
     ids = sw.switch_ids(tok)
     record = make_chain_record(3, ["+1", "*3", "+2"], 10)  # steps 4 2 4
-    enc = encode_record(tok, record, " ")
+    enc = encode_record(tok, record, FMT)
     spans = [Span(0, 1, False), Span(1, 2, True), Span(2, 3, False)]
     four, two = enc.steps[0][0], enc.steps[1][0]
     p1 = collate([sw.switch_segments(enc, spans, ids)], tok.pad_token_id)
@@ -238,13 +241,13 @@ def test_evaluate_switch_counts_blocks_and_never_violates_k_min(eager):
     model, tok, _ = eager
     records = [make_chain_record(s, ["+1", "*3"], 10) for s in range(8)]
     cfg = sw.SwitchConfig(k_min=3, k_max=5, max_new_tokens=16, positions="block")
-    df = sw.evaluate_switch(model, tok, records, cfg, separator=" ", batch_size=4)
+    df = sw.evaluate_switch(model, tok, records, cfg, FMT, batch_size=4)
     assert len(df) == 8 and {"blocks", "block_steps", "kmin_violations"} <= set(df.columns)
     assert df.blocks.sum() > 0
     assert all(3 <= n <= 5 for steps in df.block_steps for n in steps) and df.kmin_violations.sum() == 0
     table = sw.summarize_switch(df)
     assert 0 <= table.with_block.iloc[0] <= 1
-    text = sw.evaluate_switch(model, tok, records, cfg, mode="text", separator=" ", batch_size=8)
+    text = sw.evaluate_switch(model, tok, records, cfg, FMT, mode="text", batch_size=8)
     assert text.latent_steps.sum() == 0
 
 
@@ -268,7 +271,7 @@ def test_phase1_lora_path_trains_adapters_embeddings_and_head(tiny):
     records = _records()
     spans = [[Span(0, 1, False), Span(1, 2, True), Span(2, 3, False)]] * len(records)
     sw.train_phase1(peft_model, tok, records, spans, TrainConfig(steps=1, batch_size=4, lr=1e-2, warmup_steps=0),
-                    separator=" ", progress=False)
+                    sw.SwitchConfig(), FMT, progress=False)
     for n, p in peft_model.named_parameters():
         if n in trainable and "lora_A" not in n:  # lora_A has no gradient while lora_B is still 0
             assert not torch.equal(p, trainable[n]), f"{n} did not change"
@@ -285,7 +288,7 @@ def test_phase2_step_trains_with_thoughts(tiny):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cur = CurriculumConfig(start_stage=1, end_stage=1, steps_per_stage=1,
                            train=TrainConfig(steps=0, batch_size=4, lr=1e-3, warmup_steps=0))
-    out = sw.train_phase2(model, tok, records, spans, sw.SwitchConfig(k_min=2), cur, separator=" ", progress=False)
+    out = sw.train_phase2(model, tok, records, spans, sw.SwitchConfig(k_min=2), cur, FMT, progress=False)
     assert out[0].result.steps == 1
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)
@@ -300,7 +303,7 @@ def test_a_stage_beyond_the_schedule_is_refused(tiny):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"end_stage=5 is beyond the schedule.*at most 4 stages"):
         sw.train_phase2(model, tok, _records(), [[Span(0, 1, True)]] * 4, sw.SwitchConfig(c_thought=2, k_max=8), cur,
-                        separator=" ", progress=False)
+                        FMT, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing trained
 
 
@@ -361,7 +364,7 @@ def test_stay_decisions_are_marked_from_k_min(tiny, k_min, stay):
     """A 4-slot block: the outputs of slots K_min <= i < 4 decide "stay" (slot 0 is <swi>)."""
     _, tok, _ = tiny
     ids = sw.switch_ids(tok)
-    enc = encode_record(tok, make_chain_record(3, ["+1", "*3", "+2"], 10), " ")
+    enc = encode_record(tok, make_chain_record(3, ["+1", "*3", "+2"], 10), FMT)
     spans = [Span(0, 1, False), Span(1, 3, True)]
     batch = collate([sw.switch_segments(enc, spans, ids, [BlockPlan(2, 4)])], tok.pad_token_id)
     marked = sw.mark_stay_decisions(batch, k_min)["stay_mask"][0]
@@ -374,7 +377,7 @@ def test_stay_decisions_are_marked_from_k_min(tiny, k_min, stay):
 def test_stay_term_pushes_exit_down_at_marked_slots(tiny):
     model, tok, _ = tiny
     ids = sw.switch_ids(tok)
-    enc = encode_record(tok, make_chain_record(3, ["+1", "*3", "+2"], 10), " ")
+    enc = encode_record(tok, make_chain_record(3, ["+1", "*3", "+2"], 10), FMT)
     batch = collate([sw.switch_segments(enc, [Span(0, 1, False), Span(1, 3, True)], ids, [BlockPlan(2, 4)])],
                     tok.pad_token_id)
     loss_fn = sw.switch_loss(sw.SwitchConfig(k_min=2), ids)
@@ -386,26 +389,26 @@ def test_stay_term_pushes_exit_down_at_marked_slots(tiny):
 def test_a_missing_real_base_fails_fast_with_the_offline_message(monkeypatch):
     from latentlib.hub import WeightsUnavailableError
     from latentlib.presets import get_preset
-    from latentlib.training import switch_stages
+    from latentlib.stages import load_base
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-latentlib-test")
     with pytest.raises(WeightsUnavailableError, match="hf download Qwen/Qwen3-8B") as info:
-        switch_stages.load_base("any", get_preset("qwen3-8b"))
+        load_base("any", get_preset("qwen3-8b"))
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no library frames in the report
 
 
 def test_phase_inputs_are_found_by_run_name(tmp_path, monkeypatch):
+    from latentlib import stages
     from latentlib.artifacts import MissingArtifactError
     from latentlib.presets import get_preset
-    from latentlib.training import grpo, switch_stages
-    from latentlib.tasks import Splits
+    from latentlib.tasks import TaskConfig
 
     monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path))
-    splits = Splits(train=_records(), valid=[], test=_records(2))
+    task = TaskConfig(n_train=20, n_test=5)
     with pytest.raises(MissingArtifactError, match="02_curriculum.ipynb"):
-        switch_stages.run_phase3("r", get_preset("tiny"), splits, grpo.SwitchGRPOConfig())
+        stages.switch_phase3("r", stages.Phase3Config(task=task))
     with pytest.raises(MissingArtifactError, match="01_sft.ipynb"):
-        switch_stages.run_phase2("r", get_preset("tiny"), splits, sw.SwitchConfig(), None)
+        stages.switch_phase2("r", stages.Phase2Config(task=task))
     with pytest.raises(MissingArtifactError, match="00_teacher_extraction.ipynb"):
-        switch_stages.load_base("r", get_preset("tiny"))
+        stages.load_base("r", get_preset("tiny"))

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from latentlib import artifacts, teacher
-from latentlib.tasks import Record
+from latentlib.stages.reuse import stage_key
+from latentlib.tasks import Format, Record
 from latentlib.teacher import (TeacherConfig, extract_teacher, load_rollouts, load_teacher, parse_layers,
                                parse_steps, rollout_rewards, step_slots, teacher_weights)
+
+FMT = Format(" ")
 
 RECORDS = [Record("1 +2 *3 =", ("3", "9"), "9"), Record("4 +1 +1 =", ("5", "6"), "6"),
            Record("2 *7 +3 =", ("4", "7"), "7"), Record("0 +3 *3 =", ("3", "9"), "9"),
@@ -94,7 +97,7 @@ def test_parse_layers():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_generations": 0}, "num_generations"), ({"temperature": 0.0}, "temperature"),
-    ({"capture_layers": ()}, "capture_layers"), ({"dtype": "int8"}, "dtype"), ({"separator": ""}, "separator"),
+    ({"capture_layers": ()}, "capture_layers"), ({"dtype": "int8"}, "dtype"),
 ])
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -131,13 +134,19 @@ def test_shard_means_are_weighted_over_eligible_rollouts():
 
 def _cfg(**kw):
     base = dict(num_generations=4, temperature=2.0, max_completion_length=6, num_steps=2,
-                capture_layers=(-1, 2), separator=" ", shard_size=2, generation_batch_size=8)
+                capture_layers=(-1, 2), shard_size=2, generation_batch_size=8)
     return TeacherConfig(**{**base, **kw})
+
+
+def _extract(model, tok, records, cfg, run="r", **kw):
+    """The extraction into run ``run``'s teacher directory, keyed by the configuration."""
+    return extract_teacher(model, tok, records, cfg, FMT, directory=artifacts.artifact_dir(run, "teacher", "teacher"),
+                           key=stage_key(cfg, {}), meta={"seed": cfg.seed}, progress=False, **kw)
 
 
 def test_extraction_writes_shards_tables_and_states(tiny, runs):
     model, tok, _ = tiny
-    s = extract_teacher(model, tok, RECORDS, _cfg(keep_rollout_states=True), run="r", progress=False)
+    s = _extract(model, tok, RECORDS, _cfg(keep_rollout_states=True), "r")
     assert artifacts.is_complete(s.directory) and s.shards == 3 and s.rollouts == 20
     assert sorted(p.name for p in s.directory.glob("shard-*")) == [
         f"shard-{i:05d}.{e}" for i in range(3) for e in ("parquet", "safetensors")]
@@ -169,8 +178,7 @@ def test_problems_with_correct_rollouts_get_a_teacher(tiny, runs, monkeypatch):
     bias = torch.zeros(len(tok))
     bias[tok.convert_tokens_to_ids("####")] = 4.0  # make the random model write the marker now and then
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
-    s = extract_teacher(model, tok, RECORDS, _cfg(keep_rollout_states=True, temperature=3.0, max_completion_length=10),
-                        run="r", progress=False)
+    s = _extract(model, tok, RECORDS, _cfg(keep_rollout_states=True, temperature=3.0, max_completion_length=10))
     df = load_rollouts("r")
     t = load_teacher("r", weighting="uniform", layers=[-1])
     assert t.has_teacher.any(), "expected some rollout with a marker and a step at temperature 3"
@@ -185,8 +193,8 @@ def test_problems_with_correct_rollouts_get_a_teacher(tiny, runs, monkeypatch):
 
 def test_batched_rollouts_equal_one_at_a_time(tiny, runs):
     model, tok, _ = tiny
-    a = extract_teacher(model, tok, RECORDS[:2], _cfg(generation_batch_size=8), run="a", progress=False)
-    b = extract_teacher(model, tok, RECORDS[:2], _cfg(generation_batch_size=1), run="b", progress=False)
+    a = _extract(model, tok, RECORDS[:2], _cfg(generation_batch_size=8), "a")
+    b = _extract(model, tok, RECORDS[:2], _cfg(generation_batch_size=1), "b")
     da, db = load_rollouts("a"), load_rollouts("b")
     assert da.tokens.map(list).tolist() == db.tokens.map(list).tolist()
     ta, tb = load_teacher("a", weighting="uniform"), load_teacher("b", weighting="uniform")
@@ -207,26 +215,36 @@ def test_interrupted_extraction_resumes_from_finished_shards(tiny, runs, monkeyp
 
     monkeypatch.setattr(teacher, "_finish_shard", failing)
     with pytest.raises(KeyboardInterrupt):
-        extract_teacher(model, tok, RECORDS, _cfg(), run="r", progress=False)
+        _extract(model, tok, RECORDS, _cfg(), "r")
     final = artifacts.artifact_dir("r", "teacher", "teacher")
     assert not final.exists()
     partial = final.with_name(".teacher.partial")
     assert (partial / "shard-00000.json").is_file()
     monkeypatch.setattr(teacher, "_finish_shard", real)
     first = (partial / "shard-00000.safetensors").stat().st_mtime_ns
-    s = extract_teacher(model, tok, RECORDS, _cfg(), run="r", progress=False)
+    s = _extract(model, tok, RECORDS, _cfg(), "r")
     assert artifacts.is_complete(s.directory) and not partial.exists()
     assert (s.directory / "shard-00000.safetensors").stat().st_mtime_ns == first  # reused, not redone
-    # the same call again reuses the complete artifact; another configuration does not
-    assert extract_teacher(model, tok, RECORDS, _cfg(), run="r", progress=False).reused
-    assert not extract_teacher(model, tok, RECORDS, _cfg(temperature=1.5), run="r", progress=False).reused
+    # an interrupted run of another configuration leaves shards that are not reused
+    monkeypatch.setattr(teacher, "_finish_shard", failing)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(model, tok, RECORDS, _cfg(temperature=1.5), "other")
+    other = artifacts.artifact_dir("other", "teacher", "teacher").with_name(".teacher.partial")
+    assert (other / "shard-00000.json").is_file()
+    monkeypatch.setattr(teacher, "_finish_shard", real)
+    kept = (other / "shard-00000.safetensors").stat().st_mtime_ns
+    calls.clear()
+    monkeypatch.setattr(teacher, "_finish_shard", lambda *a: calls.append(a[2]) or real(*a))
+    _extract(model, tok, RECORDS, _cfg(temperature=1.7), "other")
+    assert calls[0] == [0, 1]  # the first shard was made again
+    assert (artifacts.artifact_dir("other", "teacher", "teacher") / "shard-00000.safetensors").stat().st_mtime_ns != kept
 
 
 def test_load_teacher_names_missing_layers_and_notebook(tiny, runs):
     model, tok, _ = tiny
     with pytest.raises(artifacts.MissingArtifactError, match="00_teacher_extraction"):
         load_teacher("nothing")
-    extract_teacher(model, tok, RECORDS[:2], _cfg(capture_layers=(-1,)), run="r", progress=False)
+    _extract(model, tok, RECORDS[:2], _cfg(capture_layers=(-1,)))
     with pytest.raises(ValueError, match="capture_layers"):
         load_teacher("r", layers=[1])
 
@@ -235,6 +253,6 @@ def test_throughput_is_measured_on_the_same_rollouts(tiny):
     model, tok, _ = tiny
     from latentlib.teacher import measure_throughput
 
-    table = measure_throughput(model, tok, RECORDS[:2], _cfg(), batch_sizes=(1, 8))
+    table = measure_throughput(model, tok, RECORDS[:2], _cfg(), FMT, batch_sizes=(1, 8))
     assert table.generation_batch_size.tolist() == [1, 8] and (table.rollouts == 8).all()
     assert (table.rollouts_per_second > 0).all() and table.fraction_correct.nunique() == 1

@@ -14,10 +14,10 @@ import torch
 torch.set_num_threads(1)
 
 from latentlib.artifacts import save_state_dict  # noqa: E402
-from latentlib.batching import collate, encode_record  # noqa: E402
+from latentlib.batching import collate, cot_segments, encode_record  # noqa: E402
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from latentlib.tasks import ChainConfig, chain_vocabulary, make_chain_splits  # noqa: E402
-from latentlib.training.base import cot_segments, lm_loss  # noqa: E402
+from latentlib.tasks import ChainConfig, Format, chain_vocabulary, make_chain_splits  # noqa: E402
+from latentlib.training.losses import lm_loss  # noqa: E402
 from latentlib.training.loop import TrainConfig, train  # noqa: E402
 
 STEPS = 24
@@ -30,7 +30,7 @@ def main(run_dir: str, out_file: str) -> None:
     tok = build_tiny_tokenizer(chain_vocabulary(cfg))
     model = build_tiny_model(len(tok), Preset("t", "scratch", hidden_size=32, num_layers=2, num_heads=2,
                                               num_kv_heads=1, intermediate_size=64), seed=1)
-    examples = [cot_segments(encode_record(tok, r, " ")) for r in splits.train]
+    examples = [cot_segments(encode_record(tok, r, Format(" "))) for r in splits.train]
     tc = TrainConfig(steps=STEPS, batch_size=16, lr=3e-3, warmup_steps=4, checkpoint_every=3, log_every=1, seed=5)
     train(model, examples, lambda b: collate(b, tok.pad_token_id), lm_loss, tc, checkpoint_dir=run_dir,
           progress=False, on_log=lambda row: rank0 and print(f"step {row['step']} loss {row['loss']:.8f}", flush=True))

@@ -1,7 +1,9 @@
 """Tasks for latent chain-of-thought research: one record schema, generators, loaders and grading.
 
 Every dataset becomes a list of :class:`Record` (question, reasoning steps,
-answer). Sources: the embedded chained modular arithmetic task
+answer). A :class:`~latentlib.tasks.task.Task` bundles one source's splits with the
+:class:`~latentlib.tasks.task.Format` its records are written in. Sources: the embedded
+chained modular arithmetic task
 (:mod:`~latentlib.tasks.synthetic`), reasoning-gym generators
 (:mod:`~latentlib.tasks.gym`) and the public datasets GSM8K, GSM8K-Aug,
 Coconut's JSON files and MATH-500 (:mod:`~latentlib.tasks.loaders`).
@@ -34,6 +36,7 @@ from latentlib.tasks.schema import (
     validate_record,
     validate_records,
 )
+from latentlib.tasks.task import TASKS, Format, Task, TaskConfig, load_task, records_digest
 from latentlib.tasks.synthetic import (
     ChainConfig,
     apply_op,
@@ -45,6 +48,12 @@ from latentlib.tasks.synthetic import (
 
 __all__ = [
     "ANSWER_MARKER",
+    "Format",
+    "TASKS",
+    "Task",
+    "TaskConfig",
+    "load_task",
+    "records_digest",
     "GRADE_MODES",
     "ChainConfig",
     "DataFileNotFoundError",

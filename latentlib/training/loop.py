@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from latentlib import artifacts
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "batch_indices"]
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "batch_indices", "trainable_parameters"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -92,7 +92,8 @@ def _lr_factor(cfg: TrainConfig, step: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
+def trainable_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+    """Every parameter with ``requires_grad`` of ``modules``, each once (shared ones too)."""
     seen, params = set(), []
     for m in modules:
         for p in m.parameters():
@@ -155,7 +156,7 @@ def train(model: nn.Module, examples: Sequence, make_batch: Callable[[list], dic
     for m in modules.values():
         m.to(accelerator.device)
         m.train()
-    params = _trainable(list(modules.values()))
+    params = trainable_parameters(list(modules.values()))
     if not params:
         raise ValueError("nothing to train: no parameter has requires_grad=True")
     opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -38,9 +38,12 @@ from torch import nn
 
 from latentlib.batching import prompt_batch
 from latentlib.evaluate import EvalSpec, evaluate, summarize
+from latentlib.recurrence import position_ids_for
+from latentlib.tasks import Format, apply_op, make_chain_record
 
 __all__ = ["Direction", "decoder_layers", "steer", "layer_activations", "contrast_directions",
-           "cosine_consistency", "steering_sweep", "first_step_parity_pairs", "first_step_even_rate"]
+           "cosine_consistency", "steering_sweep", "first_step_parity_pairs", "first_step_even_rate", "chat_prompt",
+           "instruction_pairs"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -105,8 +108,6 @@ def layer_activations(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     Read through forward hooks at the same place :func:`steer` writes, so reading and
     writing agree for any architecture.
     """
-    from latentlib.recurrence import position_ids_for
-
     if reduce not in ("last", "mean"):
         raise ValueError(f"reduce={reduce!r}: use 'last' or 'mean'")
     blocks = decoder_layers(model)
@@ -186,7 +187,7 @@ def contrast_directions(model: nn.Module, pairs: Sequence[tuple[Sequence[int], S
 
 
 def steering_sweep(model: nn.Module, tokenizer, records: Sequence, directions: dict[int, Direction],
-                   coefficients: Sequence[float], spec: EvalSpec, *, positions: str = "all",
+                   coefficients: Sequence[float], spec: EvalSpec, fmt: Format, *, positions: str = "all",
                    readout: Callable | None = None, unsteered: pd.DataFrame | None = None, batch_size: int = 64,
                    progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluates ``spec`` unsteered and at every (layer, coefficient).
@@ -202,11 +203,11 @@ def steering_sweep(model: nn.Module, tokenizer, records: Sequence, directions: d
     def run(layer, coef):
         if layer < 0:
             df = unsteered.drop(columns=[c for c in ("layer", "coefficient") if c in unsteered]) \
-                if unsteered is not None else evaluate(model, tokenizer, records, spec, batch_size=batch_size,
+                if unsteered is not None else evaluate(model, tokenizer, records, spec, fmt, batch_size=batch_size,
                                                        progress=progress)
         else:
             with steer(model, directions[layer].vector, layer, coef, positions=positions):
-                df = evaluate(model, tokenizer, records, spec, batch_size=batch_size, progress=progress)
+                df = evaluate(model, tokenizer, records, spec, fmt, batch_size=batch_size, progress=progress)
         df = df.assign(layer=layer, coefficient=coef)
         frames.append(df)
         row = {"layer": layer, "coefficient": coef, "positions": positions if layer >= 0 else "-",
@@ -236,8 +237,6 @@ def first_step_parity_pairs(records: Sequence, n_pairs: int, *, seed: int = 0, m
     A CoT model predicts the first step at the question's last position (``=``), so the
     direction read there is "the value being written next is even".
     """
-    from latentlib.tasks import make_chain_record
-
     if modulus % 2:
         raise ValueError(f"modulus={modulus}: parity of a value mod an odd modulus is not preserved; use an even one")
     if max_add < 2:
@@ -262,8 +261,6 @@ def first_step_even_rate(df: pd.DataFrame, modulus: int = 10) -> dict:
     question's operations give when started from the *written* first value (the model
     carried its steered state on, rather than just writing one odd token).
     """
-    from latentlib.tasks import apply_op
-
     even = follows = 0
     for question, prediction in zip(df.question, df.prediction):
         words = prediction.split()
@@ -278,3 +275,25 @@ def first_step_even_rate(df: pd.DataFrame, modulus: int = 10) -> dict:
         follows += words == expected + ["####", expected[-1]]
     n = max(len(df), 1)
     return {"first_step_even": round(even / n, 4), "follows_first_step": round(follows / n, 4)}
+
+
+# ---------------------------------------------------------------------------- real models: chat prompts
+
+
+def chat_prompt(tokenizer, instruction: str = "Solve the problem step by step. Write the final answer on the "
+                                                 "last line as '#### N'.") -> Callable:
+    """record -> prompt ids: the question (and ``instruction``) as a user turn of the chat template."""
+
+    def prompt(record):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{record.question}\n{instruction}"}],
+                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return prompt
+
+
+def instruction_pairs(tokenizer, records: Sequence, positive: str, negative: str) -> list[tuple[list, list]]:
+    """Contrast pairs: each question as a chat prompt with the positive and the negative
+    instruction (e.g. "reason step by step" against "reply with only the number")."""
+    pos, neg = chat_prompt(tokenizer, positive), chat_prompt(tokenizer, negative)
+    return [(pos(r), neg(r)) for r in records]

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from latentlib.batching import Encoded, Segment, collate, encode_record
+from latentlib.tasks import Format
 from latentlib.tokens import add_special_tokens
-from latentlib.training.base import lm_loss
 from latentlib.training.loop import TrainConfig, TrainResult, train
+from latentlib.training.losses import lm_loss
 
 __all__ = ["PLAN_TOKEN", "PlanningConfig", "add_plan_token", "planning_segments", "train_planning"]
 
@@ -58,10 +59,10 @@ def planning_segments(enc: Encoded, plan_id: int) -> list[Segment]:
     return [("prompt", enc.question), ("target", body), ("target", enc.answer)]
 
 
-def train_planning(model: nn.Module, tokenizer, records: Sequence, cfg: PlanningConfig = PlanningConfig(), *,
-                   separator: str = "\n", checkpoint_dir=None, progress: bool = True) -> TrainResult:
+def train_planning(model: nn.Module, tokenizer, records: Sequence, cfg: PlanningConfig, fmt: Format, *,
+                   checkpoint_dir=None, progress: bool = True) -> TrainResult:
     """Trains ``model`` on ``records`` with a planning token before every step."""
     plan_id = add_plan_token(model, tokenizer, cfg.token)
-    examples = [planning_segments(encode_record(tokenizer, r, separator), plan_id) for r in records]
+    examples = [planning_segments(encode_record(tokenizer, r, fmt), plan_id) for r in records]
     return train(model, examples, lambda b: collate(b, tokenizer.pad_token_id), lm_loss, cfg.train,
                  checkpoint_dir=checkpoint_dir, desc="planning tokens", progress=progress)

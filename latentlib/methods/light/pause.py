@@ -36,9 +36,10 @@ from torch import nn
 
 from latentlib.batching import Encoded, Segment, collate, encode_record
 from latentlib.evaluate import EvalSpec
-from latentlib.tokens import add_special_tokens
-from latentlib.training.base import lm_loss
+from latentlib.tasks import Format
+from latentlib.tokens import MissingTokensError, add_special_tokens
 from latentlib.training.loop import TrainConfig, TrainResult, train
+from latentlib.training.losses import lm_loss
 
 __all__ = ["PauseConfig", "pause_segments", "pause_prompt", "pause_spec", "only_rows_trainable", "train_pause"]
 
@@ -86,17 +87,15 @@ def pause_segments(enc: Encoded, pause_id: int, n: int, *, placement: str = "app
     return segs
 
 
-def pause_spec(tokenizer, n: int, *, placement: str = "append", name: str | None = None, separator: str = "\n",
+def pause_spec(tokenizer, n: int, fmt: Format, *, placement: str = "append", name: str | None = None,
                max_new_tokens: int = 16) -> EvalSpec:
     """Evaluation with ``n`` pauses in the prompt (trained or not: the model decides)."""
     pause_id = tokenizer.convert_tokens_to_ids("<pause>")
     if pause_id is None or pause_id == tokenizer.unk_token_id:
-        from latentlib.tokens import MissingTokensError
-
         raise MissingTokensError("the tokenizer lacks <pause>: call "
                                  "latentlib.tokens.add_special_tokens(model, tokenizer)")
     return EvalSpec(name or f"pause x{n}",
-                    prompt=lambda r: pause_prompt(encode_record(tokenizer, r, separator), pause_id, n, placement),
+                    prompt=lambda r: pause_prompt(encode_record(tokenizer, r, fmt), pause_id, n, placement),
                     max_new_tokens=max_new_tokens)
 
 
@@ -121,11 +120,11 @@ def only_rows_trainable(model: nn.Module, rows: Sequence[int]):
             p.requires_grad_(f)
 
 
-def train_pause(model: nn.Module, tokenizer, records: Sequence, cfg: PauseConfig = PauseConfig(), *,
-                separator: str = "\n", checkpoint_dir=None, progress: bool = True) -> TrainResult:
+def train_pause(model: nn.Module, tokenizer, records: Sequence, cfg: PauseConfig, fmt: Format, *,
+                checkpoint_dir=None, progress: bool = True) -> TrainResult:
     """Trains ``model`` on ``records`` with ``cfg.n_pause`` pauses in every example."""
     pause_id = add_special_tokens(model, tokenizer, ("<pause>",))["<pause>"]
-    examples = [pause_segments(encode_record(tokenizer, r, separator), pause_id, cfg.n_pause,
+    examples = [pause_segments(encode_record(tokenizer, r, fmt), pause_id, cfg.n_pause,
                                placement=cfg.placement, kind=cfg.kind) for r in records]
 
     def run():

@@ -50,9 +50,10 @@ from torch import nn
 
 from latentlib.batching import encode_record, prompt_batch
 from latentlib.injection import make_injector
-from latentlib.methods.switch import latent_blocks, switch_ids, switch_policy
+from latentlib.methods.switch.config import switch_ids
+from latentlib.methods.switch.inference import latent_blocks, switch_policy
 from latentlib.recurrence import generate, latent_forward
-from latentlib.tasks import extract_strict, grade
+from latentlib.tasks import Format, extract_strict, grade
 from latentlib.training.loop import TrainConfig, TrainResult, train
 
 __all__ = ["SwitchGRPOConfig", "Completions", "correctness_reward", "format_reward", "latent_usage_reward",
@@ -225,8 +226,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
 
 
 @torch.no_grad()
-def rollout(model: nn.Module, tokenizer, records: Sequence, cfg: SwitchGRPOConfig, switch_cfg, *, seeds: list[int],
-            injector=None, separator: str = "\n", reward_funcs: Sequence[Callable] = REWARD_FUNCS) -> dict:
+def rollout(model: nn.Module, tokenizer, records: Sequence, cfg: SwitchGRPOConfig, switch_cfg, fmt: Format, *,
+            seeds: list[int], injector=None, reward_funcs: Sequence[Callable] = REWARD_FUNCS) -> dict:
     """G completions of every record in one engine call, their rewards and advantages.
 
     Returns a batch: ``input_ids``/``attention_mask``/``latent_mask`` of prompt +
@@ -236,7 +237,7 @@ def rollout(model: nn.Module, tokenizer, records: Sequence, cfg: SwitchGRPOConfi
     """
     ids = switch_ids(tokenizer)
     G = cfg.num_generations
-    prompts = [encode_record(tokenizer, r, separator).question for r in records for _ in range(G)]
+    prompts = [encode_record(tokenizer, r, fmt).question for r in records for _ in range(G)]
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} completions: give one per completion")
     dev = next(model.parameters()).device
@@ -325,8 +326,8 @@ class GRPORun:
     samples: list[str] = field(default_factory=list)  # a few completions of the last step
 
 
-def train_switch_grpo(model: nn.Module, tokenizer, records: Sequence, cfg: SwitchGRPOConfig, switch_cfg, *,
-                      ref_model: nn.Module | None = None, injector=None, separator: str = "\n",
+def train_switch_grpo(model: nn.Module, tokenizer, records: Sequence, cfg: SwitchGRPOConfig, switch_cfg,
+                      fmt: Format, *, ref_model: nn.Module | None = None, injector=None,
                       reward_funcs: Sequence[Callable] = REWARD_FUNCS, checkpoint_dir=None, progress: bool = True,
                       on_log: Callable | None = None) -> GRPORun:
     """Runs Switch-GRPO on ``records`` (prompts) with :func:`latentlib.training.loop.train`
@@ -345,8 +346,8 @@ def train_switch_grpo(model: nn.Module, tokenizer, records: Sequence, cfg: Switc
 
     def make_batch(chunk):
         seeds = torch.randint(0, 2**31 - 1, (len(chunk) * cfg.num_generations,)).tolist()  # global RNG: resumable
-        batch = rollout(model, tokenizer, chunk, cfg, switch_cfg, seeds=seeds, injector=injector,
-                        separator=separator, reward_funcs=reward_funcs)
+        batch = rollout(model, tokenizer, chunk, cfg, switch_cfg, fmt, seeds=seeds, injector=injector,
+                        reward_funcs=reward_funcs)
         if ref_model is not None:
             with torch.no_grad():
                 ref_model.to(batch["input_ids"].device)

@@ -31,44 +31,37 @@ row of the comparison sees the same data and the same number of steps.
 LoRA (``use_lora``) wraps ``lora_targets`` with rank ``lora_r`` and ``lora_alpha`` through
 ``peft``; the projection head is always trained in full.
 
-What the embedded task taught us (4-layer tiny model, K = 6; measured, see the report of
-notebook 01). Three choices decide whether the thoughts learn at all:
-
-- ``gamma``: at the card's 1.0 the answer cross-entropy dominates the clipped gradient
-  (the answer cannot be predicted until the thoughts work, so its gradient is noise) and
-  the thoughts stay at chance (8%); ``gamma = 30`` lets the distance lead.
-- the layer: distilling layer 0 (at a thought, the thought itself; at the teacher's step,
-  that step token's embedding) learns thought by thought, thought 1 first; distilling the
-  last layer, or every layer, left the student at 20% or less in the same budget.
-- LoRA rather than full fine-tuning, and enough steps: with every weight trained, the
-  base drifts before the head has learned (per-step runs ended between 18% and 100%
-  by seed and lr); LoRA (r=32, alpha=16, as the card) with 300 steps of 64 still ended
-  between 22% and 100% by initialisation; 600 steps of 32 reached 100% for both teachers
-  and two seeds. Final-step distillation stays at chance: supervising the last thought
-  alone does not teach the five before it.
+Three choices decide whether the thoughts learn at all on a from-scratch model (measured
+on the embedded task; ``docs/findings.md``): a ``gamma`` large enough that the distance,
+not the answer's cross-entropy, leads the clipped gradient; distilling layer 0 (at a
+thought, the thought itself; at the teacher's step, that step token's embedding), which
+learns thought by thought; and LoRA rather than full fine-tuning, so the base does not
+drift before the head has learned. Final-step distillation alone does not teach the
+thoughts before the last.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from latentlib import artifacts
-from latentlib.batching import collate, encode_record
-from latentlib.methods.qthink import load_qthink, make_projection, qthink_segments, save_qthink
+from latentlib.batching import collate, cot_segments, encode_record
+from latentlib.injection import Projection
+from latentlib.methods.qthink.model import make_projection, qthink_segments
 from latentlib.presets import LORA_TARGETS
 from latentlib.recurrence import latent_forward
-from latentlib.teacher import TeacherStates, load_teacher, normalize_layers
+from latentlib.tasks import Format
+from latentlib.teacher import TeacherStates
 from latentlib.tokens import require_tokens
-from latentlib.training.base import cot_segments, lm_loss, token_loss
+from latentlib.training.lora import apply_lora
 from latentlib.training.loop import TrainConfig, TrainResult, train
+from latentlib.training.losses import lm_loss, token_loss
 
-__all__ = ["DistillConfig", "MODES", "distill_distance", "apply_lora", "distill_examples", "make_distill_batch",
-           "distill_loss", "train_qthink"]
+__all__ = ["DistillConfig", "MODES", "distill_distance", "distill_examples", "make_distill_batch", "distill_loss",
+           "train_qthink"]
 
 MODES = ("sft", "latent", "uniform", "reward_weighted")
 DISTANCES = ("smooth_l1", "mse", "cosine")
@@ -162,7 +155,7 @@ def distill_loss(model, batch: dict, projection, cfg: DistillConfig, layers: lis
 # ---------------------------------------------------------------------------- data
 
 
-def distill_examples(tokenizer, records, cfg: DistillConfig, *, separator: str = "\n",
+def distill_examples(tokenizer, records, cfg: DistillConfig, fmt: Format, *,
                      teacher: TeacherStates | None = None, layers: list[int] | None = None) -> list[dict]:
     """One example per record (``{"segments", "teacher"}``); with a teacher, only the
     records that have one (the teacher's index ``i`` is ``records[i]``)."""
@@ -182,7 +175,7 @@ def distill_examples(tokenizer, records, cfg: DistillConfig, *, separator: str =
         row_of = {int(p): r for r, p in enumerate(teacher.problem)}
     examples = []
     for i in keep:
-        enc = encode_record(tokenizer, records[i], separator)
+        enc = encode_record(tokenizer, records[i], fmt)
         if cfg.mode == "sft":
             segments = cot_segments(enc)
         else:
@@ -205,62 +198,33 @@ def make_distill_batch(pad_id: int):
     return make_batch
 
 
-def apply_lora(model, cfg: DistillConfig):
-    """Wraps ``model`` with LoRA adapters (``peft``); only the adapters stay trainable."""
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in cfg.lora_targets if t not in present]
-    if missing:
-        raise ValueError(f"lora_targets {missing} are not modules of this model; it has e.g. "
-                         f"{sorted(n for n in present if 'proj' in n or 'attn' in n)[:8]}: use the preset's targets")
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
-                        lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+# ---------------------------------------------------------------------------- training
 
 
-# ---------------------------------------------------------------------------- the stage
+def train_qthink(model, tokenizer, records: Sequence, cfg: DistillConfig, fmt: Format, *,
+                 teacher: TeacherStates | None = None, checkpoint_dir=None, desc: str = "qthink",
+                 progress: bool = True) -> tuple[object, Projection | None, TrainResult]:
+    """Trains one row of the comparison from ``model`` (in place, or wrapped with LoRA).
 
-
-def train_qthink(run: str, cfg: DistillConfig, records, model, tokenizer, *, name: str, separator: str = "\n",
-                 teacher: str = "teacher", base_info: str = "", progress: bool = True,
-                 resume: bool = True):
-    """Trains one row of the comparison from ``model`` (the base; trained in place, or
-    wrapped with LoRA) and saves it under ``runs/<run>/qthink/<name>``.
-
-    Returns ``(model, tokenizer, projection or None, TrainResult)``. A complete saved
-    checkpoint of the same configuration (config, teacher, ``base_info``, number of
-    records) is reused; another configuration retrains and replaces it. An interrupted
-    run resumes from its training checkpoint (``.<name>-<key>.ckpt``).
+    ``teacher``: the teacher's states for ``records`` (the records it was extracted from, in
+    order), needed by the ``uniform`` and ``reward_weighted`` modes. Returns ``(model,
+    projection or None, TrainResult)``; ``model`` is the LoRA-wrapped one under ``use_lora``.
     """
-    out = artifacts.artifact_dir(run, "qthink", name)
-    config = json.loads(json.dumps(asdict(cfg)))
-    fingerprint = json.dumps([config, teacher, base_info, len(records)], sort_keys=True)
-    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
-    if artifacts.is_complete(out):
-        info = artifacts.load_json(out / artifacts.COMPLETE)
-        if info.get("key") == key:  # the same configuration: reuse; otherwise retrain and replace
-            loaded, tok, projection = load_qthink(out)
-            return loaded, tok, projection, TrainResult(history=info.get("history", []),
-                                                        seconds=info.get("seconds", 0.0), steps=cfg.train.steps)
-    states, layers = None, []
-    if cfg.uses_teacher:
-        chosen = None if cfg.layers is None else normalize_layers(cfg.layers, model.config.num_hidden_layers)
-        states = load_teacher(run, teacher, weighting=cfg.mode, layers=chosen)
-        layers = list(states.states)
-    examples = distill_examples(tokenizer, records, cfg, separator=separator, teacher=states, layers=layers)
+    if cfg.uses_teacher and teacher is None:
+        raise ValueError(f"mode={cfg.mode!r} distils a teacher: pass the teacher's states (latentlib.teacher."
+                         "load_teacher), or use mode='sft' or 'latent'")
+    layers = list(teacher.states) if cfg.uses_teacher else []
+    examples = distill_examples(tokenizer, records, cfg, fmt, teacher=teacher if cfg.uses_teacher else None,
+                                layers=layers)
     torch.manual_seed(cfg.train.seed)  # the adapters' and the head's initialisation
     if cfg.use_lora:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                           dropout=cfg.lora_dropout)
     projection = None if cfg.mode == "sft" else make_projection(model)
     result = train(model, examples, make_distill_batch(tokenizer.pad_token_id),
                    lambda m, b: distill_loss(m, b, projection, cfg, layers), cfg.train,
-                   checkpoint_dir=out.with_name(f".{name}-{key}.ckpt") if resume else None,
-                   extra_modules={"head": projection} if projection is not None else None,
-                   desc=f"qthink {name}", progress=progress)
+                   checkpoint_dir=checkpoint_dir, extra_modules={"head": projection} if projection is not None else None,
+                   desc=desc, progress=progress)
     if projection is not None:
         projection.eval()
-    save_qthink(out, model, tokenizer, projection, {
-        "key": key, "config": config, "teacher": teacher if cfg.uses_teacher else None, "layers": layers,
-        "examples": len(examples), "history": result.history, "seconds": result.seconds, "base": base_info})
-    return model, tokenizer, projection, result
+    return model, projection, result

@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentlib.batching import IGNORE, Encoded, Segment, collate, encode_record, prompt_batch
-from latentlib.recurrence import position_ids_for
-from latentlib.training.base import cot_segments
+from latentlib.batching import IGNORE, Encoded, Segment, collate, cot_segments, encode_record, prompt_batch
+from latentlib.policies import TextPolicy
+from latentlib.recurrence import generate, position_ids_for
+from latentlib.tasks import Format
 from latentlib.training.loop import TrainConfig, TrainResult, train
 
 __all__ = ["UPFTConfig", "first_n_mask", "upft_segments", "upft_examples", "collate_buckets", "bucketed_lm_loss",
@@ -106,7 +107,7 @@ def collate_buckets(examples: Sequence[list[Segment]], pad_id: int) -> dict[str,
 def bucketed_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """Causal-LM loss over every part of a :func:`collate_buckets` batch: the sum of the
     token losses over all parts divided by the number of labelled tokens, i.e. the same
-    value as :func:`latentlib.training.base.lm_loss` on the whole batch padded at once."""
+    value as :func:`latentlib.training.losses.lm_loss` on the whole batch padded at once."""
     total, count = 0.0, 0
     for part in sorted({k.split(":", 1)[0] for k in batch}):
         b = {k.split(":", 1)[1]: v for k, v in batch.items() if k.startswith(part + ":")}
@@ -120,17 +121,14 @@ def bucketed_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 
 @torch.no_grad()
-def sample_prefixes(model: nn.Module, tokenizer, records: Sequence, n: int, *, temperature: float = 0.7,
-                    seed: int = 0, batch_size: int = 64, separator: str = "\n") -> list[Encoded]:
+def sample_prefixes(model: nn.Module, tokenizer, records: Sequence, n: int, fmt: Format, *, temperature: float = 0.7,
+                    seed: int = 0, batch_size: int = 64) -> list[Encoded]:
     """The paper's unsupervised data: the first ``n`` tokens the model itself samples for
     each question (no answer checking), as :class:`Encoded` records with one step."""
-    from latentlib.policies import TextPolicy
-    from latentlib.recurrence import generate
-
     out = []
     model.eval()
     for s in range(0, len(records), batch_size):
-        chunk = [encode_record(tokenizer, r, separator) for r in records[s:s + batch_size]]
+        chunk = [encode_record(tokenizer, r, fmt) for r in records[s:s + batch_size]]
         ids, mask = prompt_batch([e.question for e in chunk], tokenizer.pad_token_id)
         trace = generate(model, ids, mask, policy=TextPolicy(), max_new_tokens=n, temperature=temperature,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -140,11 +138,11 @@ def sample_prefixes(model: nn.Module, tokenizer, records: Sequence, n: int, *, t
     return out
 
 
-def train_upft(model: nn.Module, tokenizer, records: Sequence, cfg: UPFTConfig = UPFTConfig(), *,
-               separator: str = "\n", encoded: Sequence[Encoded] | None = None, checkpoint_dir=None,
+def train_upft(model: nn.Module, tokenizer, records: Sequence, cfg: UPFTConfig, fmt: Format, *,
+               encoded: Sequence[Encoded] | None = None, checkpoint_dir=None,
                progress: bool = True) -> TrainResult:
     """Trains on UPFT examples of ``records`` (or of ``encoded``, e.g. from :func:`sample_prefixes`)."""
-    encoded = encoded if encoded is not None else [encode_record(tokenizer, r, separator) for r in records]
+    encoded = encoded if encoded is not None else [encode_record(tokenizer, r, fmt) for r in records]
     examples = upft_examples(encoded, cfg, seed=cfg.train.seed)
     return train(model, examples, lambda b: collate_buckets(b, tokenizer.pad_token_id), bucketed_lm_loss, cfg.train,
                  checkpoint_dir=checkpoint_dir, desc=f"upft n={cfg.prefix_tokens}", progress=progress)

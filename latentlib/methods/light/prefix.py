@@ -31,8 +31,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from latentlib.batching import encode_record
 from latentlib.evaluate import EvalSpec, evaluate
+from latentlib.hub import WeightsUnavailableError
 from latentlib.injection import embedding_rms
+from latentlib.presets import load_model
+from latentlib.tasks import ChainConfig, Format, chain_vocabulary
 
 __all__ = ["PrefixConfig", "PrefixResult", "embedding_rms_table", "prefix_vectors", "place_prefix",
            "prepend_prefix", "prefix_spec", "evaluate_random_prefix"]
@@ -64,10 +68,6 @@ def embedding_rms_table(presets: Sequence[str] = ("tiny", "smollm2-135m"), *,
     fresh random init over ``words``, default the embedded task's). A preset whose
     weights are unavailable offline gets a row with ``status`` saying so, not an error.
     """
-    from latentlib.hub import WeightsUnavailableError
-    from latentlib.presets import load_model
-    from latentlib.tasks import ChainConfig, chain_vocabulary
-
     rows = []
 
     def row(label, model, status="ok"):
@@ -154,16 +154,14 @@ def prepend_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 # ---------------------------------------------------------------------------- evaluation
 
 
-def prefix_spec(model: nn.Module, tokenizer, cfg: PrefixConfig, draw: int, *, prompt: Callable | None = None,
+def prefix_spec(model: nn.Module, tokenizer, cfg: PrefixConfig, draw: int, fmt: Format, *, prompt: Callable | None = None,
                 name: str | None = None, max_new_tokens: int = 32, grade_mode: str = "strict") -> EvalSpec:
     """An :class:`EvalSpec` that decodes with draw ``draw`` of the random prefix.
 
     ``prompt``: record -> token ids (default: the encoded question); ``n_prefix``
     placeholder slots are put in front of it and overwritten by the vectors.
     """
-    from latentlib.batching import encode_record
-
-    prompt = prompt or (lambda r: encode_record(tokenizer, r).question)
+    prompt = prompt or (lambda r: encode_record(tokenizer, r, fmt).question)
     rms = embedding_rms(model)
     dim = model.get_input_embeddings().weight.shape[1]
     slot = tokenizer.pad_token_id
@@ -183,7 +181,7 @@ class PrefixResult:
     summary: dict  # accuracy of baseline and draws, oracle coverage, rescued/broken counts
 
 
-def evaluate_random_prefix(model: nn.Module, tokenizer, records: Sequence, cfg: PrefixConfig = PrefixConfig(), *,
+def evaluate_random_prefix(model: nn.Module, tokenizer, records: Sequence, cfg: PrefixConfig, fmt: Format, *,
                            prompt: Callable | None = None, max_new_tokens: int = 32, grade_mode: str = "strict",
                            batch_size: int = 64, progress: bool = False) -> PrefixResult:
     """The unperturbed model and ``num_draws`` prefix draws on the same problems.
@@ -195,11 +193,11 @@ def evaluate_random_prefix(model: nn.Module, tokenizer, records: Sequence, cfg: 
     right, every draw wrong), as shares of the problems.
     """
     base = EvalSpec("baseline", prompt=prompt, max_new_tokens=max_new_tokens, grade_mode=grade_mode)
-    frames = [evaluate(model, tokenizer, records, base, batch_size=batch_size, progress=progress).assign(draw=-1)]
+    frames = [evaluate(model, tokenizer, records, base, fmt, batch_size=batch_size, progress=progress).assign(draw=-1)]
     for d in range(cfg.num_draws):
-        spec = prefix_spec(model, tokenizer, cfg, d, prompt=prompt, max_new_tokens=max_new_tokens,
+        spec = prefix_spec(model, tokenizer, cfg, d, fmt, prompt=prompt, max_new_tokens=max_new_tokens,
                            grade_mode=grade_mode)
-        df = evaluate(model, tokenizer, records, spec, batch_size=batch_size, progress=progress)
+        df = evaluate(model, tokenizer, records, spec, fmt, batch_size=batch_size, progress=progress)
         frames.append(df.assign(draw=d))
     df = pd.concat(frames, ignore_index=True)
     df["problem"] = df.groupby("draw").cumcount()

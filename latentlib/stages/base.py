@@ -1,0 +1,156 @@
+"""Stage ``base`` (notebook 00): the models every latent method starts from.
+
+For a from-scratch preset (``tiny``) three models are trained on the task and saved under
+``runs/<run>/base/<name>``: ``cot`` (question, steps, answer), ``nocot`` (question, answer)
+and ``cot_markers`` (CoT with an empty ``<bot><eot>`` pair, Coconut's stage 0). For a
+pretrained preset the base is the pretrained model itself (nothing is trained; offline, a
+missing model fails at once with what to do). Either way each base model is evaluated on
+the test split and its per-problem rows recorded for notebook 04.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from latentlib import artifacts
+from latentlib.evaluate import evaluate, record_evaluation
+from latentlib.hub import WeightsUnavailableError
+from latentlib.methods.cot import BaseConfig, base_eval_spec, train_base
+from latentlib.presets import Preset, get_preset, load_model
+from latentlib.stages.reuse import build_or_reuse, identity, stage_key
+from latentlib.tasks import Task, TaskConfig, load_task
+from latentlib.tokens import add_special_tokens
+from latentlib.training.loop import TrainConfig
+
+__all__ = ["BaseModelsConfig", "BaseModel", "base_model", "base_models", "task_of", "pretrained", "load_base", "base_identity"]
+
+MADE_BY = "00_teacher_extraction.ipynb"
+KINDS = {"cot": ("cot", False), "nocot": ("nocot", False), "cot_markers": ("cot", True)}
+
+
+def task_of(model: str, task: TaskConfig) -> tuple[Preset, Task]:
+    """The preset and the task's records in the format of the preset's tokenizer."""
+    preset = get_preset(model)
+    return preset, load_task(task, preset.step_separator)
+
+
+def pretrained(preset: Preset):
+    """A real preset's pretrained model with the methods' special tokens added."""
+    try:
+        model, tokenizer = load_model(preset.name)
+    except WeightsUnavailableError as e:  # the message says what to do; the library's frames do not
+        raise WeightsUnavailableError(str(e)) from None
+    add_special_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def load_base(run: str, preset: Preset):
+    """The CoT model the latent methods start from, with the special tokens: for a
+    from-scratch preset ``runs/<run>/base/cot``, for a real preset the pretrained weights."""
+    if preset.source == "scratch":
+        return artifacts.load_model_dir(artifacts.require_artifact(run, "base", "cot", made_by=MADE_BY))
+    return pretrained(preset)
+
+
+def base_identity(run: str, preset: Preset) -> str:
+    """The base model's part of a later stage's key."""
+    if preset.source == "scratch":
+        return identity(artifacts.require_artifact(run, "base", "cot", made_by=MADE_BY))
+    return f"pretrained {preset.name} ({preset.hub_id})"
+
+
+@dataclass(frozen=True)
+class BaseModelsConfig:
+    model: str = "tiny"  # preset
+    task: TaskConfig = TaskConfig()  # the task and its splits
+    train: TrainConfig = TrainConfig(steps=600, batch_size=128, lr=3e-3, warmup_steps=100)  # each model's optimisation
+    seed: int = 0  # model initialisation
+    kinds: tuple[str, ...] = ("cot", "nocot", "cot_markers")  # base models trained (from-scratch presets)
+    eval_batch_size: int = 250  # problems per generation batch at evaluation
+
+    def __post_init__(self):
+        if isinstance(self.kinds, list):
+            object.__setattr__(self, "kinds", tuple(self.kinds))
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds={self.kinds!r}: choose among {tuple(KINDS)}")
+
+    @classmethod
+    def from_params(cls, p: Mapping) -> BaseModelsConfig:
+        """Notebook 00's parameters: ``base_steps``, ``batch_size``, ``lr``, ``seed``, the task's."""
+        steps = int(p["base_steps"])
+        train = TrainConfig(steps=steps, batch_size=int(p["batch_size"]), lr=float(p["lr"]),
+                            warmup_steps=min(100, steps // 5), seed=int(p["seed"]), log_every=max(1, steps // 30))
+        return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task), train=train,
+                   seed=int(p["seed"]))
+
+    def base_config(self, kind: str) -> BaseConfig:
+        k, markers = KINDS[kind]
+        return BaseConfig(k, markers=markers, train=self.train, seed=self.seed)
+
+
+@dataclass
+class BaseModel:
+    name: str  # "cot", "nocot", "cot_markers" (or "cot" for a pretrained preset)
+    model: object
+    tokenizer: object
+    history: list = field(default_factory=list)  # training rows (empty for a pretrained model)
+    seconds: float = 0.0  # training wall time of the run that made it
+    evaluation: pd.DataFrame = field(default_factory=pd.DataFrame)  # per-problem rows on the test split
+    status: str = "pretrained"  # "trained", "retrained", "reused" or "pretrained"
+
+
+def base_model(run: str, cfg: BaseModelsConfig, kind: str, *, stage: str = "base", progress: bool = True) -> BaseModel:
+    """Trains (or reuses) one from-scratch base model, ``runs/<run>/<stage>/<kind>``.
+
+    With ``stage`` other than ``"base"`` (another stage that needs a base model of its own
+    budget) notebook 00's ``base/<kind>`` is reused when it was made with the same
+    configuration and records, and a model of this configuration is trained into
+    ``<stage>/<kind>`` otherwise."""
+    preset, task = task_of(cfg.model, cfg.task)
+    bc = cfg.base_config(kind)
+    config, inputs = {"model": preset.name, "task": cfg.task, "base": bc}, {"records": task.digest}
+    own = artifacts.artifact_dir(run, "base", kind)
+    if stage != "base" and artifacts.is_complete(own) and artifacts.read_meta(own).get("key") == stage_key(config,
+                                                                                                           inputs):
+        stage = "base"
+    out = artifacts.artifact_dir(run, stage, kind)
+
+    def build(record, checkpoint):
+        model, tokenizer = load_model(preset.name, words=list(task.words), seed=bc.seed)
+        add_special_tokens(model, tokenizer)
+        result = train_base(model, tokenizer, task.splits.train, bc, task.format, checkpoint_dir=checkpoint,
+                            progress=progress)
+        artifacts.save_model(model, tokenizer, out, {"kind": f"base model ({kind})", **record,
+                                                     "history": result.history, "seconds": result.seconds,
+                                                     "seed": bc.seed})
+        return model, tokenizer
+
+    built = build_or_reuse(out, config, inputs, build=build, load=lambda d, meta: artifacts.load_model_dir(d),
+                           label=f"{stage}/{kind}")
+    model, tokenizer = built.value
+    return BaseModel(kind, model, tokenizer, built.meta.get("history", []), built.meta.get("seconds", 0.0),
+                     status=built.status)
+
+
+def base_models(run: str, cfg: BaseModelsConfig, *, progress: bool = True) -> dict[str, BaseModel]:
+    """Trains (or reuses) each base model, evaluates it on the test split and records the
+    per-problem rows (``runs/<run>/eval/``)."""
+    preset, task = task_of(cfg.model, cfg.task)
+    if preset.source == "scratch":
+        if task.words is None:
+            raise ValueError(f"task {task.name!r} has no word-level vocabulary, which a from-scratch model needs: "
+                             "use an embedded task (e.g. 'chain') with this preset, or a pretrained preset")
+        models = {kind: base_model(run, cfg, kind, progress=progress) for kind in cfg.kinds}
+    else:
+        model, tokenizer = pretrained(preset)
+        models = {"cot": BaseModel("cot", model, tokenizer)}
+    for name, m in models.items():
+        spec = base_eval_spec(name, m.tokenizer, markers=KINDS[name][1])
+        m.evaluation = evaluate(m.model, m.tokenizer, task.splits.test, spec, task.format,
+                                batch_size=cfg.eval_batch_size, progress=progress)
+    record_evaluation(run, pd.concat([m.evaluation for m in models.values()]), stage="00_teacher_extraction")
+    return models

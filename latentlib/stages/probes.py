@@ -1,0 +1,100 @@
+"""Notebook 05's inputs and its one measurement that runs the methods themselves: the
+ablations of the injected states. The other measurements are :mod:`latentlib.probes`
+functions called on the models this module loads; nothing here trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from latentlib import artifacts
+from latentlib.evaluate import evaluate
+from latentlib.injection import make_injector
+from latentlib.methods import switch as sw
+from latentlib.methods.coconut import SavedCoconut, eval_spec, load_coconut
+from latentlib.presets import get_preset
+from latentlib.probes import ABLATIONS, AblatedInjector, collect_traces, lens_step_matrix, stack_thoughts
+from latentlib.stages.base import task_of
+from latentlib.stages.switch import latest_switch_model
+from latentlib.tasks import Task, TaskConfig
+
+__all__ = ["ProbeModels", "probe_models", "ablations", "coconut_lens"]
+
+
+@dataclass
+class ProbeModels:
+    task: Task  # the task (its test split is what every probe runs on)
+    switch_model: object  # the run's latest SWITCH phase
+    switch_tokenizer: object
+    switch_config: sw.SwitchConfig  # its K_min, K_max, positions, injection
+    switch_name: str  # "SWITCH phase 3" (or phase 2 when 03 has not run)
+    coconut: dict[str, SavedCoconut]  # the two last-stage Coconut models, by format
+
+    def summary(self) -> pd.DataFrame:
+        """What each model thinks with."""
+        s = self.switch_config
+        return pd.DataFrame([{"model": self.switch_name, "thoughts": f"blocks of {s.k_min}..{s.k_max}",
+                              "injection": s.injection, "positions": s.positions}]
+                            + [{"model": f"Coconut ({fmt})", "thoughts": c.config.c_thought * c.config.max_latent_stage,
+                                "injection": c.config.injection, "positions": c.config.latent_positions}
+                               for fmt, c in self.coconut.items()])
+
+
+def probe_models(run: str, model: str, task: TaskConfig) -> ProbeModels:
+    """The latest SWITCH phase of the run and the Coconut models of notebook 02."""
+    preset, t = task_of(model, task)
+    switch_model, switch_tok, switch_cfg, name = latest_switch_model(run, get_preset(model))
+    coconut = {fmt: load_coconut(artifacts.require_artifact(run, "curriculum", f"coconut_{fmt}",
+                                                            made_by="02_curriculum.ipynb"))
+               for fmt in ("plain", "markers")}
+    return ProbeModels(t, switch_model, switch_tok, switch_cfg, name, coconut)
+
+
+def ablations(models: ProbeModels, *, seed: int = 0, batch_size: int = 250) -> tuple[dict, pd.DataFrame]:
+    """Each model on the test split as evaluated, with its injected states unablated
+    (``none``), zeroed, replaced by random vectors of the same norm, or shuffled across the
+    batch. Returns the per-problem frames by ``(model, ablation)`` and a table with the
+    accuracy on every problem and on the *diagnostic subset* (for SWITCH the problems on
+    which the unablated model opens a block; for Coconut every problem thinks)."""
+    test, fmt = models.task.splits.test, models.task.format
+
+    def injector(model, spec, mode):
+        return AblatedInjector(make_injector(spec, model), mode, seed=seed)
+
+    frames = {}
+    for mode in ABLATIONS:
+        frames[(models.switch_name, mode)] = sw.evaluate_switch(
+            models.switch_model, models.switch_tokenizer, test, models.switch_config, fmt, name=models.switch_name,
+            injector=injector(models.switch_model, models.switch_config.injection, mode), batch_size=batch_size)
+    for fmt_name, c in models.coconut.items():
+        for mode in ABLATIONS:
+            inj = AblatedInjector(c.injector, mode, seed=seed)
+            spec = eval_spec(c.curriculum.last_stage, c.config, c.tokenizer, fmt, injector=inj,
+                             name=f"Coconut ({fmt_name})")
+            frames[(f"Coconut ({fmt_name})", mode)] = evaluate(c.model, c.tokenizer, test, spec, fmt,
+                                                               batch_size=batch_size, progress=False)
+    rows = []
+    for (name, mode), df in frames.items():
+        clean = frames[(name, "none")]
+        diagnostic = clean.blocks > 0 if "blocks" in clean else pd.Series(True, index=clean.index)
+        rows.append({"model": name, "ablation": mode, "accuracy": df.correct.mean(),
+                     "diagnostic_accuracy": df.correct[diagnostic.values].mean() if diagnostic.any() else float("nan"),
+                     "diagnostic_n": int(diagnostic.sum()), "latent_steps": df.latent_steps.mean(),
+                     "visible_tokens": df.visible_tokens.mean()})
+    return frames, pd.DataFrame(rows)
+
+
+def coconut_lens(models: ProbeModels, *, batch_size: int = 250) -> tuple[dict, dict]:
+    """The logit lens of each Coconut model's thoughts on the test split: per model, the
+    ``(K, S)`` matrix of :func:`latentlib.probes.lens_step_matrix` and the thoughts
+    ``(N, K, D)`` themselves."""
+    test, fmt = models.task.splits.test, models.task.format
+    lens, vectors = {}, {}
+    for fmt_name, c in models.coconut.items():
+        name = f"Coconut ({fmt_name})"
+        spec = eval_spec(c.curriculum.last_stage, c.config, c.tokenizer, fmt, injector=c.injector, name=name)
+        traces = collect_traces(c.model, c.tokenizer, test, spec, fmt, capture_layers=(), batch_size=batch_size)
+        vectors[name] = stack_thoughts(traces)
+        lens[name] = lens_step_matrix(c.model, c.tokenizer, vectors[name], [list(r.steps) for r in test])
+    return lens, vectors

@@ -1,0 +1,129 @@
+"""The one rule for reusing a finished stage.
+
+A stage's artifact (``runs/<run>/<stage>/<name>/``) records a *key*: a hash of the stage's
+whole configuration and of the identities of its inputs (each input artifact's own key, the
+task's record digest, the pretrained weights' name). Asked to run again:
+
+- a complete artifact with the same key is loaded (**reused**);
+- one with another key is trained again and replaces it atomically (**retrained**), and
+  the message names what changed;
+- no artifact: **trained**.
+
+Because an artifact's key includes its inputs' keys, changing a parameter of an early stage
+changes every later stage's key, so nothing downstream is silently reused. Training
+checkpoints carry the key in their directory name (``.<name>-<key>.ckpt``), so an
+interrupted run resumes only into the same configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from latentlib import artifacts
+
+__all__ = ["Built", "stage_key", "identity", "input_identity", "build_or_reuse", "jsonable"]
+
+T = TypeVar("T")
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def jsonable(obj: Any) -> Any:
+    """A configuration as plain JSON values (dataclasses, also inside dicts and lists, to
+    dicts; tuples to lists)."""
+    return json.loads(json.dumps(_plain(obj), sort_keys=True, default=str))
+
+
+def stage_key(config: Any, inputs: Mapping[str, str]) -> str:
+    """The hash of a stage's configuration and its inputs' identities."""
+    payload = json.dumps({"config": jsonable(config), "inputs": dict(sorted(inputs.items()))}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def identity(directory: Path) -> str:
+    """What a complete artifact contributes to the keys of the stages that read it: its key."""
+    meta = artifacts.read_meta(directory)
+    key = meta.get("key")
+    if not key:
+        raise artifacts.CorruptArtifactError(
+            f"{directory} records no key: it was written by an older version of latentlib; delete it (or use a new "
+            "run name) so that the stage that makes it runs again")
+    return key
+
+
+def input_identity(run: str, stage: str, name: str, *, made_by: str) -> str:
+    """The identity of an input artifact, or an error naming the notebook that makes it."""
+    return identity(artifacts.require_artifact(run, stage, name, made_by=made_by))
+
+
+def _changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the leaves where two JSON trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _changes(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
+
+
+@dataclass
+class Built(Generic[T]):
+    value: T  # what the stage made (or loaded)
+    directory: Path  # the artifact
+    key: str  # its key
+    status: str  # "reused", "trained" or "retrained"
+    meta: dict = field(default_factory=dict)  # the artifact's metadata
+
+    @property
+    def reused(self) -> bool:
+        return self.status == "reused"
+
+
+def build_or_reuse(directory: Path, config: Any, inputs: Mapping[str, str], *,
+                   build: Callable[[dict, Path], T], load: Callable[[Path, dict], T], label: str,
+                   verbose: bool = True) -> Built[T]:
+    """Loads the artifact at ``directory`` when its key matches ``config`` and ``inputs``,
+    else calls ``build(record, checkpoint_dir)``, which trains and writes the artifact with
+    ``record`` (the key, the configuration, the inputs) in its metadata. Prints which
+    happened, with what changed when an artifact is replaced."""
+    directory = Path(directory)
+    key = stage_key(config, inputs)
+    record = {"key": key, "stage_config": jsonable(config), "inputs": dict(inputs)}
+    status = "trained"
+    if artifacts.is_complete(directory):
+        meta = artifacts.read_meta(directory)
+        if meta.get("key") == key:
+            if verbose:
+                print(f"{label}: reused ({directory.name}, key {key})")
+            return Built(load(directory, meta), directory, key, "reused", meta)
+        old = {"config": meta.get("stage_config"), "inputs": meta.get("inputs")}
+        changed = _changes(old, {"config": record["stage_config"], "inputs": record["inputs"]})
+        status = "retrained"
+        if verbose:
+            what = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+            print(f"{label}: retrained, its configuration or an input changed ({what or 'an older artifact'})")
+    elif verbose:
+        print(f"{label}: training (no artifact yet)")
+    checkpoint = directory.with_name(f".{directory.name}-{key}.ckpt")
+    value = build(record, checkpoint)
+    meta = artifacts.read_meta(directory) if artifacts.is_complete(directory) else {}
+    if meta.get("key") != key:
+        raise RuntimeError(f"{label}: the stage did not write its artifact with key {key} to {directory}")
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the artifact holds the final weights
+    if verbose:
+        print(f"{label}: {status} ({directory.name}, key {key})")
+    return Built(value, directory, key, status, meta)
