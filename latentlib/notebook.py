@@ -24,7 +24,7 @@ from latentlib import artifacts
 from latentlib.presets import Preset, get_preset
 from latentlib.tasks import Task, TaskConfig, load_task
 
-__all__ = ["Context", "setup", "reports_dir", "notebook_path", "notebook_parameters"]
+__all__ = ["Context", "setup", "context", "reports_dir", "notebook_path", "notebook_parameters"]
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -107,7 +107,13 @@ def setup(notebook: str, namespace: Mapping) -> Context:
     missing = [n for n in names if n not in namespace]
     if missing:
         raise NameError(f"parameters {missing} of {notebook} are not defined: run the notebook's parameters cell first")
-    params = {n: namespace[n] for n in names}
+    return context({n: namespace[n] for n in names})
+
+
+def context(params: Mapping) -> Context:
+    """The run's context from a notebook's parameter values (what :func:`setup` and the
+    stage commands share): the preset validated, threads and every seed fixed."""
+    params = dict(params)
     preset = get_preset(params["model"])
     threads, seed = int(params.get("threads", 2)), int(params.get("seed", 0))
     if threads < 1:

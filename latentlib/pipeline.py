@@ -56,12 +56,19 @@ def _coerce(value: str, default):
 
 
 def resolve_parameters(preset: str, overrides: dict[str, str] | None = None,
-                       stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
-    """Per notebook, the parameters papermill will inject. Refuses unknown names."""
+                       stages: tuple[str, ...] = STAGES, params_file: Path | None = None) -> dict[str, dict]:
+    """Per notebook, the parameters papermill will inject. Refuses unknown names, and a
+    parameter file written for another preset (its ``model``). ``params_file``: default
+    ``params/<preset>.yaml``."""
     get_preset(preset)  # an unknown preset fails here, with the list of known ones
-    path = PARAMS / f"{preset}.yaml"
+    path = Path(params_file) if params_file is not None else PARAMS / f"{preset}.yaml"
+    if params_file is not None and not path.is_file():
+        raise FileNotFoundError(f"no parameter file {path}: give one of {sorted(p.name for p in PARAMS.glob('*.yaml'))}")
     spec = yaml.safe_load(path.read_text()) if path.exists() else {}
     spec = spec or {}
+    if spec.get("model", preset) != preset:
+        raise UnknownParameterError(f"{path} is the parameter file of preset {spec['model']!r}, not {preset!r}: use "
+                                    f"params/{preset}.yaml, or run with the preset {spec['model']!r}")
     per_nb = spec.pop("notebooks", {}) or {}
     declared = {s: notebook_parameters(NOTEBOOKS / f"{s}.ipynb") for s in stages if (NOTEBOOKS / f"{s}.ipynb").exists()}
     known = set().union(*declared.values()) if declared else set()
@@ -76,13 +83,13 @@ def resolve_parameters(preset: str, overrides: dict[str, str] | None = None,
 
     for name in spec:
         if name not in known:
-            refuse(name, f"params/{preset}.yaml", known)
+            refuse(name, str(path), known)
     for nb, values in per_nb.items():
         if nb not in STAGES:
-            raise UnknownParameterError(f"params/{preset}.yaml names notebook {nb!r}; notebooks are {', '.join(STAGES)}")
+            raise UnknownParameterError(f"{path} names notebook {nb!r}; notebooks are {', '.join(STAGES)}")
         for name in values or {}:
             if nb in declared and name not in declared[nb]:
-                refuse(name, f"params/{preset}.yaml, notebook {nb}", declared[nb])
+                refuse(name, f"{path}, notebook {nb}", declared[nb])
     overrides = overrides or {}
     if "model" in overrides and overrides["model"] != preset:
         raise UnknownParameterError(f"-p model {overrides['model']} conflicts with the preset {preset!r}: the preset "

@@ -1,0 +1,46 @@
+"""The stage commands: the notebooks' parameters, refused before anything runs when wrong,
+and the same artifacts the notebooks make (so each reuses what the other made)."""
+
+import pytest
+
+from latentlib import stages
+from latentlib.train import STAGES, main, stage_parameters
+
+
+def test_every_stage_names_a_notebook_and_reads_its_parameters():
+    for stage, (notebook, _) in STAGES.items():
+        params = stage_parameters(stage, "params/tiny.yaml")
+        assert params["model"] == "tiny" and "seed" in params, stage
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bsae", "--params", "params/tiny.yaml"], "unknown stage 'bsae' (did you mean 'base'?)"),
+    (["base", "--params", "params/tiny.yaml", "-p", "base_step", "3"], "Did you mean 'base_steps'?"),
+    (["base", "--params", "params/tiny.yaml", "-p", "qthink_steps", "3"], "unknown parameter 'qthink_steps'"),
+    (["base", "--params", "params/tiny.yaml", "-p", "model", "smollm2-135m"], "conflicts with the preset 'tiny'"),
+    (["base", "--params", "params/none.yaml"], "no parameter file"),
+])
+def test_bad_commands_are_refused_with_the_fix(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path))
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_a_parameter_file_of_another_preset_is_refused(tmp_path, capsys):
+    other = tmp_path / "tiny.yaml"
+    other.write_text("model: smollm2-135m\nseed: 0\n")
+    assert main(["base", "--params", str(other)]) == 2
+    assert "parameter file of preset 'smollm2-135m'" in capsys.readouterr().err
+
+
+def test_the_command_makes_what_the_stage_function_reuses(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LATENTLIB_REPORTS", str(tmp_path / "reports"))
+    argv = ["base", "--params", "params/tiny.yaml", "-p", "base_steps", "3", "-p", "n_train", "600", "-p", "n_test", "8",
+            "--run", "cli"]
+    assert main(argv) == 0
+    assert "base/cot: trained" in capsys.readouterr().out
+    params = stage_parameters("base", "params/tiny.yaml", {"base_steps": "3", "n_train": "600", "n_test": "8"})
+    reused = stages.base_models("cli", stages.BaseModelsConfig.from_params(params), progress=False)
+    assert {m.status for m in reused.values()} == {"reused"}
