@@ -1,6 +1,6 @@
 """Answer extraction from generated text, and grading against gold answers.
 
-Three modes, from strictest to most lenient:
+Three numeric modes, from strictest to most lenient, and one for text answers:
 
 * ``strict``: the number after the last ``####`` marker (GSM8K's convention,
   like lm-evaluation-harness's strict-match).
@@ -9,6 +9,12 @@ Three modes, from strictest to most lenient:
   flexible-extract).
 * ``math``: symbolic equivalence of LaTeX answers through ``math-verify``
   (MATH-style answers such as ``\\frac{1}{2}`` vs ``0.5``).
+* ``exact``: the text after the last ``####`` marker, up to the end of its
+  line, equals the gold answer once runs of whitespace are made single spaces
+  and the ends stripped; case and punctuation count. This grades answers that
+  are words or sentences, such as the graph task's ``n12`` or ProsQA's
+  ``Tom is a yumpus.`` (Coconut's own evaluation also compares the text after
+  its marker with the answer verbatim, commas dropped).
 
 Numbers are normalised before comparison: ``,`` ``$`` ``%`` and a trailing
 ``.`` are dropped, a leading ``+`` is dropped, trailing zeros after the
@@ -25,8 +31,8 @@ from typing import Literal
 
 from latentlib.tasks.schema import ANSWER_MARKER, RecordError, describe_location
 
-GradeMode = Literal["strict", "flexible", "math"]
-GRADE_MODES: tuple[str, ...] = ("strict", "flexible", "math")
+GradeMode = Literal["strict", "flexible", "math", "exact"]
+GRADE_MODES: tuple[str, ...] = ("strict", "flexible", "math", "exact")
 
 # One number as written in text: optional sign and currency, digit groups with commas, decimals, percent.
 _NUMBER = r"[-+]?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)%?"
@@ -59,6 +65,24 @@ def extract_strict(text: str) -> str | None:
     tail = text.rsplit(ANSWER_MARKER, 1)[1]
     match = _STRICT_TAIL_RE.match(tail)
     return normalize_number(match.group(1)) if match else None
+
+
+def normalize_text(text: str) -> str:
+    """Return ``text`` with every run of whitespace made one space and the ends stripped."""
+    return " ".join(text.split())
+
+
+def extract_exact(text: str) -> str | None:
+    """Return the normalised text after the last ``####`` marker, up to the end of its line, or None.
+
+    Whitespace right after the marker (a line break included) is skipped, so the answer line
+    is the first non-blank one after it. None when there is no marker or nothing follows it.
+    """
+    if ANSWER_MARKER not in text:
+        return None
+    tail = text.rsplit(ANSWER_MARKER, 1)[1]
+    line = tail.lstrip().split("\n", 1)[0]
+    return normalize_text(line) or None
 
 
 def _last_boxed(text: str) -> str | None:
@@ -140,17 +164,27 @@ def grade(prediction_text: str, gold_answer: str, *, mode: GradeMode = "strict")
 
     ``strict`` and ``flexible`` compare numbers by value (``72`` equals
     ``72.0``); the gold answer must then be a number. ``math`` compares LaTeX
-    expressions symbolically with math-verify.
+    expressions symbolically with math-verify. ``exact`` compares the text
+    after the marker with the gold answer, whitespace normalised.
     """
     if mode == "math":
         return _grade_math(prediction_text, gold_answer)
+    if mode == "exact":
+        gold_text = normalize_text(gold_answer) if isinstance(gold_answer, str) else ""
+        if not gold_text:
+            raise ValueError(
+                f"gold answer {gold_answer!r} is empty, so mode='exact' has nothing to compare with: "
+                "pass the record's answer text"
+            )
+        return extract_exact(prediction_text) == gold_text
     if mode not in GRADE_MODES:
         raise ValueError(f"unknown grading mode {mode!r}: use one of {', '.join(GRADE_MODES)}")
     gold = normalize_number(gold_answer)
     if gold is None:
         raise ValueError(
             f"gold answer {gold_answer!r} is not a number, so mode={mode!r} cannot grade against it: "
-            "pass the numeric answer (e.g. '72'), or use mode='math' for LaTeX answers"
+            "pass the numeric answer (e.g. '72'), or use mode='math' for LaTeX answers "
+            "or mode='exact' for answers that are words"
         )
     predicted = extract_strict(prediction_text) if mode == "strict" else extract_flexible(prediction_text)
     if predicted is None:

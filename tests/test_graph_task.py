@@ -1,0 +1,400 @@
+"""The embedded ProsQA-style graph task: generated graphs, the record check, exact grading,
+and Coconut's ProsQA / ProntoQA files read with the same fields.
+
+Graph properties are re-derived here with the test's own search code, not with the
+module's, so a bug in the generator and its checker cannot cancel out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from latentlib.tasks.grading import GRADE_MODES, extract_exact, grade
+from latentlib.tasks.graph import (
+    COCONUT_GRAPH_FIELDS,
+    PROBE_FIELDS,
+    GraphConfig,
+    NoPathError,
+    annotate_graph_record,
+    check_graph_record,
+    graph_vocabulary,
+    make_graph_record,
+    make_graph_splits,
+)
+from latentlib.tasks.loaders import load_coconut_json
+from latentlib.tasks.schema import ANSWER_MARKER, Record, RecordError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SMALL = dict(n_train=60, n_valid=10, n_test=10)
+
+
+def _children(meta: dict) -> list[list[int]]:
+    children: list[list[int]] = [[] for _ in meta["idx_to_symbol"]]
+    for parent, child in meta["edges"]:
+        children[parent].append(child)
+    return children
+
+
+def _distances(children: list[list[int]], source: int) -> dict[int, int]:
+    dist, queue = {source: 0}, deque([source])
+    while queue:
+        node = queue.popleft()
+        for child in children[node]:
+            if child not in dist:
+                dist[child] = dist[node] + 1
+                queue.append(child)
+    return dist
+
+
+def _is_acyclic(children: list[list[int]]) -> bool:
+    indegree = [0] * len(children)
+    for node_children in children:
+        for child in node_children:
+            indegree[child] += 1
+    ready = [v for v, d in enumerate(indegree) if d == 0]
+    seen = 0
+    while ready:
+        node = ready.pop()
+        seen += 1
+        for child in children[node]:
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+    return seen == len(children)
+
+
+def _assert_valid_problem(record: Record, cfg: GraphConfig) -> None:
+    meta = record.meta
+    symbols, root, target, neg = meta["idx_to_symbol"], meta["root"], meta["target"], meta["neg_target"]
+    children = _children(meta)
+    assert _is_acyclic(children)
+    dist = _distances(children, root)
+    assert target in dist and neg not in dist, "exactly the target must be reachable from the root"
+    path = meta["path"]
+    assert path[0] == root and path[-1] == target
+    edges = {tuple(edge) for edge in meta["edges"]}
+    assert all((a, b) in edges for a, b in zip(path, path[1:]))
+    assert len(path) - 1 == dist[target], "the gold path must be a shortest path"
+    assert cfg.min_path_len <= len(path) - 1 <= cfg.max_path_len
+    assert len(record.steps) == len(path) - 1
+    # ProsQA's shape: both candidates are leaves with parents, the distractor is another entity's.
+    has_parent = {child for _, child in meta["edges"]}
+    assert not children[target] and not children[neg] and {target, neg} <= has_parent
+    entities = [v for v in range(len(symbols)) if v not in has_parent]
+    assert root in entities and any(neg in _distances(children, e) for e in entities if e != root)
+    assert meta["depth"] == [dist.get(v, -1) for v in range(len(symbols))]
+    leaves = [v for v in range(len(symbols)) if not children[v]]
+    heights = [min(_distances(children, v).get(leaf, len(symbols)) for leaf in leaves) for v in range(len(symbols))]
+    assert meta["height"] == heights
+    if cfg.style == "symbolic":
+        assert list(record.steps) == [symbols[v] for v in path[1:]] and record.answer == symbols[target]
+        assert record.question.endswith(f"[R] {symbols[root]}")
+        assert {tuple(fact.split()) for fact in record.question.split(" [Q] ")[0].split(" | ")} == {
+            (symbols[a], symbols[b]) for a, b in edges
+        }
+    else:
+        assert record.steps[0] == f"{symbols[root]} is a {symbols[path[1]]}."
+        assert list(record.steps[1:]) == [f"Every {symbols[a]} is a {symbols[b]}." for a, b in zip(path[1:], path[2:])]
+        assert record.answer == f"{symbols[root]} is a {symbols[target]}."
+        question = re.fullmatch(r"(.*) Is (\w+) a (\w+) or (\w+)\?", record.question)
+        assert question and question.group(2) == symbols[root]
+        assert {question.group(3), question.group(4)} == {symbols[target], symbols[neg]}
+    check_graph_record(record)
+
+
+# --- generated graphs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"style": "symbolic"},
+        {"style": "sentences"},
+        {"style": "symbolic", "target_choice": "uniform", "shuffle_nodes": False},
+        {"style": "sentences", "n_nodes": 14, "min_path_len": 2, "max_path_len": 4, "parent_rate": 2.5},
+    ],
+)
+def test_generated_problems_are_valid_over_many_seeds(options: dict) -> None:
+    for seed in range(4):
+        cfg = GraphConfig(**SMALL, seed=seed, **options)
+        splits = make_graph_splits(cfg)
+        assert splits.sizes() == {"train": 60, "valid": 10, "test": 10}
+        for record in splits.train + splits.valid + splits.test:
+            _assert_valid_problem(record, cfg)
+
+
+def test_path_lengths_cover_the_configured_range() -> None:
+    splits = make_graph_splits(GraphConfig(n_train=400, n_valid=0, n_test=0, seed=5))
+    lengths = {len(r.steps) for r in splits.train}
+    assert lengths == {3, 4, 5, 6}, "a ProsQA-sized sample should reach every allowed path length"
+
+
+def test_splits_are_deterministic_and_seeded() -> None:
+    cfg = GraphConfig(**SMALL, seed=3)
+    first, again = make_graph_splits(cfg), make_graph_splits(cfg)
+    assert first == again
+    assert [r.meta for r in first.train] == [r.meta for r in again.train]
+    assert make_graph_splits(dataclasses.replace(cfg, seed=4)).train != first.train
+    one, same = make_graph_record(cfg, random.Random(11)), make_graph_record(cfg, random.Random(11))
+    assert one == same and one.meta == same.meta
+
+
+def test_both_styles_draw_the_same_graphs_from_one_seed() -> None:
+    symbolic = make_graph_splits(GraphConfig(**SMALL, seed=2, style="symbolic"))
+    sentences = make_graph_splits(GraphConfig(**SMALL, seed=2, style="sentences"))
+    for a, b in zip(symbolic.train, sentences.train):
+        assert {k: a.meta[k] for k in a.meta if k != "idx_to_symbol"} == {
+            k: b.meta[k] for k in b.meta if k != "idx_to_symbol"
+        }
+        assert len(a.steps) == len(b.steps)
+
+
+def test_no_problem_repeats_within_or_across_splits() -> None:
+    # A small graph space makes repeats likely, so the dedup is actually exercised.
+    cfg = GraphConfig(n_train=150, n_valid=25, n_test=25, seed=0, n_nodes=8, min_path_len=2, max_path_len=3,
+                      shuffle_nodes=False)
+    splits = make_graph_splits(cfg)
+    records = splits.train + splits.valid + splits.test
+    assert len({r.question for r in records}) == len(records)
+    problems = {
+        (frozenset(map(tuple, r.meta["edges"])), r.meta["root"], frozenset((r.meta["target"], r.meta["neg_target"])))
+        for r in records
+    }
+    assert len(problems) == len(records), "the same problem must not come back with its facts reordered"
+
+
+def test_a_config_that_cannot_yield_enough_problems_is_reported() -> None:
+    tiny = GraphConfig(n_train=5000, n_valid=0, n_test=0, n_nodes=6, min_path_len=2, max_path_len=2,
+                       shuffle_nodes=False)
+    with pytest.raises(ValueError, match="in a row after \\d+ distinct problems.*ask for fewer records"):
+        make_graph_splits(tiny)
+    barren = GraphConfig(parent_rate=0.01)
+    with pytest.raises(ValueError, match="drew 2000 graphs in a row without a new usable problem.*parent_rate=0.01"):
+        make_graph_record(barren, random.Random(0))
+
+
+@pytest.mark.parametrize("style", ["symbolic", "sentences"])
+def test_vocabulary_covers_every_word(style: str) -> None:
+    cfg = GraphConfig(**SMALL, seed=1, style=style)
+    vocabulary = graph_vocabulary(cfg)
+    assert len(vocabulary) == len(set(vocabulary))
+    splits = make_graph_splits(cfg)
+    used = {w for r in splits.train + splits.valid + splits.test for text in (r.question, *r.steps, r.answer)
+            for w in text.split()}
+    assert used <= set(vocabulary)
+    assert ANSWER_MARKER not in vocabulary
+
+
+def test_symbolic_records_tokenize_without_unknown_words() -> None:
+    from latentlib.presets import build_tiny_tokenizer
+
+    cfg = GraphConfig(n_train=20, n_valid=0, n_test=0, seed=0)
+    tokenizer = build_tiny_tokenizer(graph_vocabulary(cfg))
+    for record in make_graph_splits(cfg).train:
+        text = f"{record.question} {' '.join(record.steps)} {ANSWER_MARKER} {record.answer}"
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.unk_token_id not in ids and len(ids) == len(text.split())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_train": -1}, "n_train must be >= 0, got -1"),
+        ({"seed": 1.5}, "seed must be an int"),
+        ({"n_nodes": 5}, "n_nodes must be >= 6, got 5.*two entities, a path of min_path_len=3"),
+        ({"min_path_len": 0}, "min_path_len must be >= 1"),
+        ({"min_path_len": 4, "max_path_len": 3}, "max_path_len=3 is below min_path_len=4"),
+        ({"parent_rate": 0}, "parent_rate must be in \\(0, n_nodes=28\\], got 0"),
+        ({"parent_rate": float("nan")}, "parent_rate must be a finite number"),
+        ({"one_side_prob": 0.6}, "one_side_prob must be in \\[0, 0.5\\], got 0.6"),
+        ({"depth_weight": -1}, "depth_weight must be >= 0"),
+        ({"target_choice": "deepest"}, "target_choice='deepest' is not a rule: use one of farthest, uniform"),
+        ({"style": "english"}, "style='english' is not a style: use one of symbolic, sentences"),
+        ({"shuffle_nodes": 1}, "shuffle_nodes must be True or False"),
+        ({"entity_names": ("Al",)}, "entity_names has 1 names but needs at least 2"),
+        ({"entity_names": ("Al", "Bo Jo")}, "'Bo Jo': every name must be one word of letters only"),
+        ({"entity_names": ("Al", "Al", "Cy")}, "lists \\['Al'\\] more than once"),
+        ({"concept_names": ("wumpus", "is", *[f"z{'a' * i}pus" for i in range(30)])}, "'is', a word of the sentence"),
+        ({"concept_names": ("wumpus", "yumpus"), "style": "sentences"}, "concept_names has 2 names but needs at least 26"),
+        ({"entity_names": ("Al", "wumpus")}, "\\['wumpus'\\] are both entity and concept names"),
+    ],
+)
+def test_bad_configs_are_rejected_with_the_fix(kwargs: dict, message: str) -> None:
+    if "concept_names" not in kwargs and "wumpus" in str(kwargs):
+        kwargs = {**kwargs, "concept_names": ("wumpus", *[f"z{'a' * i}pus" for i in range(30)])}
+    with pytest.raises(ValueError, match=message):
+        GraphConfig(**kwargs)
+
+
+# --- the record check ------------------------------------------------------------------------
+
+
+def _fixture_record() -> Record:
+    # Record 0 of the ProsQA fixture: Ada -> glimpus -> trondus -> vexpus, Ben -> morpus -> quilpus,
+    # and a dead end glimpus -> zarpus. Indices: Ada 0, Ben 1, glimpus 2, trondus 3, zarpus 4,
+    # vexpus 5, morpus 6, quilpus 7.
+    return load_coconut_json(FIXTURES / "prosqa_sample.json")[0]
+
+
+def _with(record: Record, *, question: str | None = None, steps: tuple | None = None, **meta) -> Record:
+    return dataclasses.replace(
+        record,
+        question=record.question if question is None else question,
+        steps=record.steps if steps is None else steps,
+        meta={**record.meta, **meta},
+    )
+
+
+def test_check_rejects_a_cycle() -> None:
+    record = _fixture_record()
+    bad = _with(record, edges=record.meta["edges"] + [[5, 2]],
+                question=record.question.replace(" Is Ada", " Every vexpus is a glimpus. Is Ada"))
+    cycle = "has a cycle glimpus \\(2\\) -> trondus \\(3\\) -> vexpus \\(5\\) -> glimpus \\(2\\)"
+    with pytest.raises(RecordError, match=cycle):
+        check_graph_record(bad, source="prosqa.json", index=0)
+
+
+def test_check_names_a_graph_with_no_path_to_either_candidate() -> None:
+    record = _fixture_record()
+    edges = [e for e in record.meta["edges"] if e != [0, 2]]
+    bad = _with(record, edges=edges, question=record.question.replace(" Ada is a glimpus.", ""))
+    with pytest.raises(NoPathError, match="record 0 of prosqa.json is a graph with no path from the root 'Ada' to "
+                                          "either candidate \\('vexpus', 'quilpus'\\)"):
+        check_graph_record(bad, source="prosqa.json", index=0)
+
+
+def test_check_rejects_two_reachable_candidates_and_swapped_labels() -> None:
+    record = _fixture_record()
+    both = _with(record, edges=record.meta["edges"] + [[4, 7]],
+                 question=record.question.replace(" Is Ada", " Every zarpus is a quilpus. Is Ada"))
+    with pytest.raises(RecordError, match="reach both candidates: exactly one must be reachable"):
+        check_graph_record(both)
+    swapped = _with(record, target=7, neg_target=5)
+    with pytest.raises(RecordError, match="reach neg_target 'vexpus' but not target 'quilpus'.*swapped"):
+        check_graph_record(swapped)
+
+
+def test_check_rejects_a_gold_path_that_is_not_a_shortest_path_or_not_along_edges() -> None:
+    record = _fixture_record()
+    shortcut = _with(record, edges=record.meta["edges"] + [[0, 3]],
+                     question=record.question.replace(" Is Ada", " Ada is a trondus. Is Ada"))
+    with pytest.raises(RecordError, match="gold path of 3 edges but the target is 2 edges from the root.*shortest"):
+        check_graph_record(shortcut)
+    jump = _with(record, steps=("Ada is a glimpus.", "Every glimpus is a vexpus."))
+    with pytest.raises(RecordError, match="stepping 'glimpus' -> 'vexpus', which is not an edge"):
+        check_graph_record(jump)
+    detour = _with(record, steps=("Ada is a glimpus.", "Every trondus is a vexpus."))
+    with pytest.raises(RecordError, match="does not start from 'glimpus'"):
+        check_graph_record(detour)
+    short = _with(record, steps=record.steps[:2])
+    with pytest.raises(RecordError, match="ending at 'trondus', not at the target 'vexpus'"):
+        check_graph_record(short)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"meta": {"root": None}}, "root None: it must be a node index in 0..7"),
+        ({"meta": {"neg_target": 5}}, "target == neg_target == 5"),
+        ({"meta": {"edges": [[0, 2, 1]]}}, "edge 0 = \\[0, 2, 1\\]: each edge must be a \\[parent, child\\] pair"),
+        ({"meta": {"idx_to_symbol": ["Ada"] * 8}}, "names nodes \\['Ada'\\] twice"),
+        ({"meta": {"path": [0, 2, 4]}}, "meta path \\[0, 2, 4\\] but its steps walk \\[0, 2, 3, 5\\]"),
+        ({"meta": {"depth": [0] * 8}}, "meta depth .* expected \\[0, -1, 1, 2, 2, 3, -1, -1\\]"),
+        ({"answer": "Ada is a quilpus."}, "answer 'Ada is a quilpus.', which does not name the target 'vexpus'"),
+        ({"question": "Is Ada a vexpus or quilpus?"}, "states other facts in its question than meta\\['edges'\\]"),
+        ({"question": "Does Ada like vexpus?"}, "question in neither graph rendering"),
+        ({"steps": ("Ada is a blorpus.",)}, "step 0 'Ada is a blorpus.', which names no node"),
+    ],
+)
+def test_check_rejects_inconsistent_records(change: dict, message: str) -> None:
+    record = _fixture_record()
+    bad = dataclasses.replace(record, **{k: v for k, v in change.items() if k != "meta"},
+                              meta={**record.meta, **change.get("meta", {})})
+    with pytest.raises(RecordError, match=message):
+        check_graph_record(bad)
+
+
+def test_check_requires_the_coconut_graph_fields() -> None:
+    record = Record("q", ("s",), "a", meta={"edges": []})
+    with pytest.raises(RecordError, match="no graph field\\(s\\) idx_to_symbol, root, target, neg_target"):
+        check_graph_record(record)
+
+
+# --- Coconut's files: same fields as generated records ---------------------------------------
+
+
+def test_prosqa_fixture_has_the_generator_fields() -> None:
+    loaded = load_coconut_json(FIXTURES / "prosqa_sample.json")
+    generated = make_graph_record(GraphConfig(style="sentences"), random.Random(0))
+    assert set(generated.meta) == set(COCONUT_GRAPH_FIELDS) | set(PROBE_FIELDS)
+    for index, record in enumerate(loaded):
+        assert set(record.meta) == set(COCONUT_GRAPH_FIELDS)
+        check_graph_record(record, source="prosqa_sample.json", index=index)
+        annotated = annotate_graph_record(record)
+        assert set(annotated.meta) == set(generated.meta)
+        check_graph_record(annotated)  # the added fields agree with a second check
+        assert annotated == record  # annotation only adds meta
+    assert annotate_graph_record(loaded[1]).meta["path"] == [0, 2, 5, 7]  # one of its two shortest paths: the steps'
+    assert annotate_graph_record(loaded[2]).meta["depth"] == [-1, 0, 1, -1, 2, 3, 4]
+
+
+def test_prontoqa_fixture_loads_as_coconut_writes_it() -> None:
+    records = load_coconut_json(FIXTURES / "prontoqa_sample.json")
+    assert [r.answer for r in records] == ["True", "False", "True"]
+    for record in records:
+        assert record.meta == {}  # ProntoQA files carry no graph fields
+        assert re.search(r"True or false: \w+ is (not )?\w+\.$", record.question)
+        assert all(step.endswith(".") for step in record.steps)
+    assert records[1].steps[-1] == "Rue is not sour."
+    assert records[0].steps[0] == "Fen is a grimpus. Every grimpus is a tolvet."
+    with pytest.raises(RecordError, match="no graph field"):
+        check_graph_record(records[0])
+
+
+# --- exact grading ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "expected"),
+    [
+        ("n3 n9 n12 #### n12", "n12", True),
+        ("n3 n9 n1 #### n1", "n12", False),  # a prefix of the gold is not the gold
+        ("n3 n9 n12 #### n12 n5", "n12", False),
+        ("n3 #### n12\nn5 n6", "n12", True),  # the answer ends with its line
+        ("####\n  n12  ", "n12", True),
+        ("#### n5 and then #### n12", "n12", True),  # the last marker counts
+        ("n12", "n12", False),  # no marker, no answer
+        ("Tom is a wumpus. #### Tom  is a\tyumpus.", "Tom is a yumpus.", True),
+        ("#### Tom is a yumpus", "Tom is a yumpus.", False),
+        ("#### tom is a yumpus.", "Tom is a yumpus.", False),
+        ("#### True", "True", True),
+        ("#### False", "True", False),
+    ],
+)
+def test_exact_grading(prediction: str, gold: str, expected: bool) -> None:
+    assert grade(prediction, gold, mode="exact") is expected
+
+
+def test_exact_mode_leaves_the_numeric_modes_alone() -> None:
+    assert GRADE_MODES[:3] == ("strict", "flexible", "math") and "exact" in GRADE_MODES
+    assert extract_exact("#### 1,000") == "1,000" and extract_exact("no marker") is None
+    assert grade("#### 1,000", "1000") is True and grade("#### 1,000", "1000", mode="exact") is False
+    with pytest.raises(ValueError, match="'n12' is not a number.*mode='exact' for answers that are words"):
+        grade("#### n12", "n12")
+    with pytest.raises(ValueError, match="gold answer ' ' is empty"):
+        grade("#### n12", " ", mode="exact")
+
+
+@pytest.mark.parametrize("style", ["symbolic", "sentences"])
+def test_rendered_gold_chains_grade_as_correct(style: str) -> None:
+    for record in make_graph_splits(GraphConfig(n_train=30, n_valid=0, n_test=0, seed=9, style=style)).train:
+        text = f"{record.question}\n" + "\n".join(record.steps) + f"\n{ANSWER_MARKER} {record.answer}"
+        assert grade(text, record.answer, mode="exact")
+        wrong = record.meta["idx_to_symbol"][record.meta["neg_target"]]
+        assert not grade(f"{ANSWER_MARKER} {wrong}", record.answer, mode="exact")
