@@ -40,7 +40,7 @@ class EvalSpec:
     latent_positions: str = "continue"  # position scheme for thoughts
     inputs_embeds: Callable = None  # (input_ids, attention_mask, records) -> embeddings, for prefix methods
     max_new_tokens: int = 32  # generation budget (latent steps included)
-    grade_mode: str = "strict"  # "strict", "flexible" or "math"
+    grade_mode: str | None = None  # "strict", "flexible", "math", "exact" (None: the task format's)
     neutral_token_ids: tuple = ()  # generated text tokens that do not advance the position counter (see generate)
 
 
@@ -71,6 +71,7 @@ def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, fmt: Format, *
     tokens, latent steps and the batch's wall time divided among its problems. ``fmt``:
     the task's format (prompts are the questions written in it, unless ``spec.prompt``)."""
     prompt_of = spec.prompt or (lambda r: encode_record(tokenizer, r, fmt).question)
+    mode = spec.grade_mode or fmt.grade
     special = set(tokenizer.all_special_ids)
     rows = []
     model.eval()
@@ -85,9 +86,8 @@ def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, fmt: Format, *
             rows.append({
                 "method": spec.name, "question": r.question, "gold": r.answer, "prediction": text,
                 "extracted_strict": extract_strict(text), "extracted_flexible": extract_flexible(text),
-                "correct": grade(text, r.answer, mode=spec.grade_mode),
-                "correct_flexible": grade(text, r.answer, mode="flexible") if spec.grade_mode == "strict"
-                else grade(text, r.answer, mode=spec.grade_mode),
+                "correct": grade(text, r.answer, mode=mode),
+                "correct_flexible": grade(text, r.answer, mode="flexible" if mode == "strict" else mode),
                 "visible_tokens": sum(i not in special for i in ids),
                 "latent_steps": int(trace.latent_steps[b]),
                 "finished": bool(tokenizer.eos_token_id in ids),

@@ -80,7 +80,7 @@ class Context:
     @cached_property
     def task(self) -> Task:
         """The task's records, in the format of the preset's tokenizer."""
-        return load_task(self.task_config, self.preset.step_separator)
+        return load_task(self.task_config, self.preset.step_separator, scratch=self.preset.source == "scratch")
 
     def figure(self, fig, name: str) -> Path:
         """Saves a figure under reports/<run>/figures/ (PNG) and returns the path."""

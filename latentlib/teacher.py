@@ -93,7 +93,7 @@ class TeacherConfig:
     max_completion_length: int = 256  # generated tokens per rollout at most (eos included)
     num_steps: int = 6  # K: step slots per rollout (the student's latent steps)
     capture_layers: tuple[int, ...] = (-1,)  # hidden_states indices kept (0: embeddings, -1: last layer)
-    grade_mode: str = "strict"  # grading of rollouts: "strict", "flexible" or "math"
+    grade_mode: str | None = None  # grading of rollouts: "strict", "flexible", "math", "exact" (None: the task's)
     shard_size: int = 500  # problems per shard (memory is bounded by one shard)
     generation_batch_size: int = 256  # sequences per generate call (1: one at a time)
     keep_rollout_states: bool = False  # also store every rollout's states (n, G, K+2, D) per layer
@@ -111,8 +111,8 @@ class TeacherConfig:
             (self.max_completion_length >= 1, f"max_completion_length={self.max_completion_length} must be >= 1"),
             (self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1 (the student's K)"),
             (len(self.capture_layers) >= 1, "capture_layers is empty: keep at least one layer, e.g. (-1,)"),
-            (self.grade_mode in ("strict", "flexible", "math"),
-             f"grade_mode={self.grade_mode!r}: use 'strict', 'flexible' or 'math'"),
+            (self.grade_mode in (None, "strict", "flexible", "math", "exact"),
+             f"grade_mode={self.grade_mode!r}: use 'strict', 'flexible', 'math', 'exact' or None (the task's)"),
             (self.shard_size >= 1, f"shard_size={self.shard_size} must be >= 1"),
             (self.generation_batch_size >= 1, f"generation_batch_size={self.generation_batch_size} must be >= 1"),
             (self.dtype in ("float32", "bfloat16", "float16"),
@@ -240,7 +240,7 @@ def teacher_weights(eligible: torch.Tensor, rewards: torch.Tensor, weighting: st
 # ---------------------------------------------------------------------------- extraction
 
 
-def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, special, separator):
+def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, special, fmt):
     """Generates the rollouts ``pairs`` = [(problem, g), ...] in one call: their table rows
     and their states ``(len(pairs), P, L, D)``."""
     input_ids, mask = prompt_batch([prompts[i] for i, _ in pairs], tokenizer.pad_token_id)
@@ -250,6 +250,7 @@ def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, s
                      pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
                      seeds=[rollout_seed(cfg.seed, i, g) for i, g in pairs], capture_layers=tuple(layers))
     P = cfg.num_steps + 2
+    grade_mode = cfg.grade_mode or fmt.grade
     ids = [trace.text_ids(b) for b in range(len(pairs))]
     kept = [[t for t in seq if t not in special] for seq in ids]
     where = [[j for j, t in enumerate(seq) if t not in special] for seq in ids]  # generated index of kept tokens
@@ -261,14 +262,14 @@ def _rollouts_of_batch(model, tokenizer, records, pairs, prompts, cfg, layers, s
         lengths = [len(s) for s in decoded[cursor:cursor + n]]
         text = decoded[cursor + n - 1] if n else ""
         cursor += n
-        step_ends, marker, answer = parse_steps(lengths, text, separator) if n else ([], -1, -1)
+        step_ends, marker, answer = parse_steps(lengths, text, fmt.separator) if n else ([], -1, -1)
         parsed = marker >= 0 and len(step_ends) > 0
         slots = step_slots(step_ends, cfg.num_steps) + [marker, answer]
         slots = [where[b][s] if s >= 0 else -1 for s in slots]  # kept-token index -> generated index
         valid = trace.valid[b]
         length = int(valid.sum())
         logprob = trace.logprob[b, :length].float()
-        correct = grade(text, records[i].answer, mode=cfg.grade_mode)
+        correct = grade(text, records[i].answer, mode=grade_mode)
         pos = torch.tensor(slots)
         st = torch.stack([trace.hidden[layer][b, pos.clamp_min(0)] for layer in layers], 1)  # (P, L, D)
         st = st * (pos >= 0)[:, None, None]
@@ -366,7 +367,7 @@ def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, fmt
             states = torch.zeros(len(pairs), cfg.num_steps + 2, len(layers), hidden)  # (n*G, P, L, D)
             for c in range(0, len(pairs), cfg.generation_batch_size):
                 r, st = _rollouts_of_batch(model, tokenizer, records, pairs[c:c + cfg.generation_batch_size],
-                                           prompts, cfg, layers, special, fmt.separator)
+                                           prompts, cfg, layers, special, fmt)
                 rows += r
                 states[c:c + len(r)] = st
                 bar.update(len(r))
@@ -428,7 +429,7 @@ def measure_throughput(model, tokenizer, records: Sequence, cfg: TeacherConfig, 
         correct = 0
         for c in range(0, len(pairs), bs):
             r, _ = _rollouts_of_batch(model, tokenizer, records, pairs[c:c + bs], prompts, cfg, layers, special,
-                                      fmt.separator)
+                                      fmt)
             correct += sum(x["correct"] for x in r)
         seconds = time.perf_counter() - t0
         rows.append({"generation_batch_size": bs, "rollouts": len(pairs), "seconds": round(seconds, 3),

@@ -25,7 +25,8 @@ from latentlib.tasks import Task, TaskConfig, load_task
 from latentlib.tokens import add_special_tokens
 from latentlib.training.loop import TrainConfig
 
-__all__ = ["BaseModelsConfig", "BaseModel", "base_model", "base_models", "task_of", "pretrained", "load_base", "base_identity"]
+__all__ = ["BaseModelsConfig", "BaseModel", "base_model", "base_models", "task_of", "pretrained", "load_base",
+           "base_identity", "check_scratch_fit"]
 
 MADE_BY = "00_teacher_extraction.ipynb"
 KINDS = {"cot": ("cot", False), "nocot": ("nocot", False), "cot_markers": ("cot", True)}
@@ -34,7 +35,7 @@ KINDS = {"cot": ("cot", False), "nocot": ("nocot", False), "cot_markers": ("cot"
 def task_of(model: str, task: TaskConfig) -> tuple[Preset, Task]:
     """The preset and the task's records in the format of the preset's tokenizer."""
     preset = get_preset(model)
-    return preset, load_task(task, preset.step_separator)
+    return preset, load_task(task, preset.step_separator, scratch=preset.source == "scratch")
 
 
 def pretrained(preset: Preset):
@@ -136,20 +137,40 @@ def base_model(run: str, cfg: BaseModelsConfig, kind: str, *, stage: str = "base
                      status=built.status)
 
 
+MAX_SCRATCH_VOCAB = 4096  # words a from-scratch word-level model is built for at most
+SCRATCH_POSITIONS = 256  # its position table (presets.build_tiny_model)
+
+
+def check_scratch_fit(task: Task, preset: Preset, max_new_tokens: int = 16) -> None:
+    """Refuses, before any training, a task a from-scratch word-level model cannot hold: a
+    vocabulary too large for it, or problems longer than its positions."""
+    if preset.source != "scratch":
+        return
+    if len(task.words) > MAX_SCRATCH_VOCAB:
+        raise ValueError(f"task {task.name!r} has {len(task.words)} distinct words; a from-scratch word-level model "
+                         f"({preset.name!r}) is built for at most {MAX_SCRATCH_VOCAB}: use a pretrained preset (e.g. "
+                         "smollm2-135m) for this task, or a smaller one (an embedded task such as 'chain' or 'graph')")
+    longest = max(len(r.question.split()) + sum(len(s.split()) for s in r.steps) + len(r.answer.split()) + 3
+                  for r in [*task.splits.train, *task.splits.test])
+    if longest + max_new_tokens > SCRATCH_POSITIONS:
+        raise ValueError(f"task {task.name!r} has problems of {longest} words, and {preset.name!r} holds "
+                         f"{SCRATCH_POSITIONS} positions with room for {max_new_tokens} generated: use smaller "
+                         "problems (e.g. fewer graph_nodes) or a pretrained preset")
+
+
 def base_models(run: str, cfg: BaseModelsConfig, *, progress: bool = True) -> dict[str, BaseModel]:
     """Trains (or reuses) each base model, evaluates it on the test split and records the
     per-problem rows (``runs/<run>/eval/``)."""
     preset, task = task_of(cfg.model, cfg.task)
     if preset.source == "scratch":
-        if task.words is None:
-            raise ValueError(f"task {task.name!r} has no word-level vocabulary, which a from-scratch model needs: "
-                             "use an embedded task (e.g. 'chain') with this preset, or a pretrained preset")
+        check_scratch_fit(task, preset)
         models = {kind: base_model(run, cfg, kind, progress=progress) for kind in cfg.kinds}
     else:
         model, tokenizer = pretrained(preset)
         models = {"cot": BaseModel("cot", model, tokenizer)}
+    budget = task.answer_budget(preset.source == "scratch")
     for name, m in models.items():
-        spec = base_eval_spec(name, m.tokenizer, markers=KINDS[name][1])
+        spec = base_eval_spec(name, m.tokenizer, markers=KINDS[name][1], max_new_tokens=budget)
         m.evaluation = evaluate(m.model, m.tokenizer, task.splits.test, spec, task.format,
                                 batch_size=cfg.eval_batch_size, progress=progress)
     record_evaluation(run, pd.concat([m.evaluation for m in models.values()]), stage="00_teacher_extraction")

@@ -216,11 +216,19 @@ def _row(method: str, fmt: str, table: pd.DataFrame) -> dict:
     return {"method": method, "format": fmt, **table.iloc[-1][["accuracy", "visible_tokens", "latent_steps"]].to_dict()}
 
 
+TABLE1_ROWS = ("CoT", "no-CoT", "iCoT-style", "pause token", "Coconut", "w/o curriculum", "w/o thought",
+               "pause as thought")  # the order of Coconut's Table 1
+
+
 def coconut_table1(run: str, cfg: CoconutStageConfig, main: dict[str, CoconutModel], *,
                    progress: bool = True) -> pd.DataFrame:
-    """The shape of Coconut's Table 1: CoT, no-CoT, pause as thought, w/o curriculum and
-    Coconut, per format. Trains the baselines; records every trained row's per-problem
-    evaluation for notebook 04."""
+    """The shape of Coconut's Table 1, per format: CoT and no-CoT (notebook 00's models);
+    Coconut; its ablations w/o curriculum (straight to the last stage), w/o thought (the
+    curriculum removes steps and puts nothing in their place) and pause as thought
+    (``<pause>`` in the thought slots); pause token (the pauses without curriculum); and
+    iCoT-style stepwise internalisation (steps removed stage by stage, no thought, no
+    mixing of earlier stages, iCoT's removal smoothing with lambda 4). Trains the
+    baselines; records every trained row's per-problem evaluation for notebook 04."""
     preset, task = task_of(cfg.model, cfg.task)
     test = task.splits.test
 
@@ -238,20 +246,28 @@ def coconut_table1(run: str, cfg: CoconutStageConfig, main: dict[str, CoconutMod
                                                                   task.format, name="CoT")))
     recorded = []
     for fmt in cfg.baselines:
-        r = coconut_model(run, cfg.run(fmt, cfg.coconut(fmt, method="pause"), eval_stages="last"), f"pause_{fmt}",
-                          progress=progress)
-        rows.append(_row("pause as thought", fmt, r.table))
-        recorded.append(r.per_problem.assign(method=f"pause as thought ({fmt})"))
-        coco, cur = without_curriculum(cfg.coconut(fmt), cfg.curriculum())
-        r = coconut_model(run, cfg.run(fmt, coco, cur, eval_stages="last"), f"coconut_nocurriculum_{fmt}",
-                          progress=progress)
-        rows.append(_row("Coconut w/o curriculum", fmt, r.table))
-        recorded.append(r.per_problem.assign(method=f"Coconut without curriculum ({fmt})"))  # (a file name: no "/")
+        baselines = {  # row -> (artifact, configs, the method's name in notebook 04's table)
+            "pause as thought": (f"pause_{fmt}", cfg.coconut(fmt, method="pause"), cfg.curriculum(),
+                                 f"pause as thought ({fmt})"),
+            "w/o curriculum": (f"coconut_nocurriculum_{fmt}",
+                               *without_curriculum(cfg.coconut(fmt), cfg.curriculum()),
+                               f"Coconut without curriculum ({fmt})"),  # (a file name: no "/")
+            "w/o thought": (f"nothought_{fmt}", cfg.coconut(fmt, method="icot"), cfg.curriculum(),
+                            f"Coconut without thought ({fmt})"),
+            "pause token": (f"pausetoken_{fmt}", *without_curriculum(cfg.coconut(fmt, method="pause"),
+                                                                     cfg.curriculum()), f"pause token ({fmt})"),
+            "iCoT-style": (f"icot_{fmt}", cfg.coconut(fmt, method="icot", uniform_prob=0.0, removal_smoothing=4.0),
+                           cfg.curriculum(), f"iCoT-style ({fmt})"),
+        }
+        for method, (name, coco, cur, recorded_as) in baselines.items():
+            r = coconut_model(run, cfg.run(fmt, coco, cur, eval_stages="last"), name, progress=progress)
+            rows.append(_row(method, fmt, r.table))
+            recorded.append(r.per_problem.assign(method=recorded_as))
     for fmt, r in main.items():
         rows.append(_row("Coconut", fmt, r.table))
         recorded.append(r.per_problem.assign(method=f"Coconut ({fmt})"))
     record_evaluation(run, pd.concat(recorded, ignore_index=True), stage=STAGE)
-    order = {m: i for i, m in enumerate(["CoT", "no-CoT", "pause as thought", "Coconut w/o curriculum", "Coconut"])}
+    order = {m: i for i, m in enumerate(TABLE1_ROWS)}
     return pd.DataFrame(rows).sort_values(["format", "method"],
                                           key=lambda s: s.map(order) if s.name == "method" else s, ignore_index=True)
 

@@ -10,7 +10,7 @@ trained methods (:mod:`latentlib.stages.light`), and makes the one table.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
@@ -40,7 +40,7 @@ class EvaluationConfig:
     steer_coefficient: float = 1.0  # steering: coefficient of the direction
     light_training: bool = False  # also train the light-weight methods (pause, UPFT, planning tokens)
     batch_size: int = 250  # problems per generation batch
-    max_new_tokens: int = 16  # generation budget of the inference-time methods
+    max_new_tokens: int = 16  # generation budget of the inference-time methods (at least the task's answer budget)
 
     @classmethod
     def from_params(cls, p: Mapping) -> EvaluationConfig:
@@ -58,8 +58,8 @@ class Evaluation:
     main: pd.DataFrame  # one row per method: accuracy, visible tokens, latent steps, time, where it was evaluated
     per_problem: pd.DataFrame  # every method's per-problem rows
     prefix: dict  # random prefix: accuracy of baseline and draws, oracle coverage, ...
-    steering: pd.DataFrame  # the steering sweep (unsteered and the chosen setting)
-    consistency: float  # mean pairwise cosine of the steering pairs' differences
+    steering: pd.DataFrame  # the steering sweep (unsteered and the chosen setting; empty off the chain task)
+    consistency: float  # mean pairwise cosine of the steering pairs' differences (nan off the chain task)
     light: pd.DataFrame = field(default_factory=pd.DataFrame)  # the light-weight methods' table (light_training)
 
 
@@ -71,20 +71,25 @@ def evaluation(run: str, cfg: EvaluationConfig, *, progress: bool = True) -> Eva
                                              "(and the later stages) first")
     preset, task = task_of(cfg.model, cfg.task)
     test, fmt = task.splits.test, task.format
+    cfg = replace(cfg, max_new_tokens=max(cfg.max_new_tokens, task.answer_budget(preset.source == "scratch")))
     cot, tok = load_base(run, preset)
 
     prefix = evaluate_random_prefix(cot, tok, test, cfg.prefix, fmt, max_new_tokens=cfg.max_new_tokens,
                                     batch_size=cfg.batch_size, progress=progress)
     extra = [prefix.per_problem[prefix.per_problem.draw >= 0].assign(method="random prefix")]
 
-    pairs = first_step_parity_pairs(task.splits.valid, cfg.steer_pairs, seed=cfg.prefix.seed)
-    pair_ids = [(encode_record(tok, a, fmt).question, encode_record(tok, b, fmt).question) for a, b in pairs]
-    directions = contrast_directions(cot, pair_ids, [cfg.steer_layer], pad_id=tok.pad_token_id)
-    sweep, sweep_rows = steering_sweep(cot, tok, test, directions, [cfg.steer_coefficient],
-                                       EvalSpec("steer", max_new_tokens=cfg.max_new_tokens), fmt, positions="prompt",
-                                       readout=first_step_even_rate, batch_size=cfg.batch_size, progress=progress)
-    label = f"steering (layer {cfg.steer_layer}, x{cfg.steer_coefficient:g})"
-    extra.append(sweep_rows[sweep_rows.layer == cfg.steer_layer].assign(method=label))
+    sweep, consistency = pd.DataFrame(), float("nan")
+    if task.name == "chain":  # the contrast (first step even or odd) is the chain task's
+        pairs = first_step_parity_pairs(task.splits.valid, cfg.steer_pairs, seed=cfg.prefix.seed)
+        pair_ids = [(encode_record(tok, a, fmt).question, encode_record(tok, b, fmt).question) for a, b in pairs]
+        directions = contrast_directions(cot, pair_ids, [cfg.steer_layer], pad_id=tok.pad_token_id)
+        sweep, sweep_rows = steering_sweep(cot, tok, test, directions, [cfg.steer_coefficient],
+                                           EvalSpec("steer", max_new_tokens=cfg.max_new_tokens), fmt,
+                                           positions="prompt", readout=first_step_even_rate,
+                                           batch_size=cfg.batch_size, progress=progress)
+        label = f"steering (layer {cfg.steer_layer}, x{cfg.steer_coefficient:g})"
+        extra.append(sweep_rows[sweep_rows.layer == cfg.steer_layer].assign(method=label))
+        consistency = directions[cfg.steer_layer].consistency
 
     light = pd.DataFrame()
     if cfg.light_training:
@@ -101,4 +106,4 @@ def evaluation(run: str, cfg: EvaluationConfig, *, progress: bool = True) -> Eva
     main = summarize(per_problem)
     main.insert(1, "evaluated_in", main.method.map(evaluated_in))
     main = main.sort_values(["evaluated_in", "method"], kind="stable", ignore_index=True)
-    return Evaluation(main, per_problem, prefix.summary, sweep, directions[cfg.steer_layer].consistency, light)
+    return Evaluation(main, per_problem, prefix.summary, sweep, consistency, light)

@@ -3,8 +3,8 @@
 Every dataset becomes a list of :class:`Record` (question, reasoning steps,
 answer). A :class:`~latentlib.tasks.task.Task` bundles one source's splits with the
 :class:`~latentlib.tasks.task.Format` its records are written in. Sources: the embedded
-chained modular arithmetic task
-(:mod:`~latentlib.tasks.synthetic`), reasoning-gym generators
+chained modular arithmetic task (:mod:`~latentlib.tasks.synthetic`), the embedded
+ProsQA-style graph search (:mod:`~latentlib.tasks.graph`), reasoning-gym generators
 (:mod:`~latentlib.tasks.gym`) and the public datasets GSM8K, GSM8K-Aug,
 Coconut's JSON files and MATH-500 (:mod:`~latentlib.tasks.loaders`).
 :mod:`~latentlib.tasks.grading` extracts and grades final answers.
@@ -12,6 +12,7 @@ Coconut's JSON files and MATH-500 (:mod:`~latentlib.tasks.loaders`).
 
 from latentlib.tasks.grading import (
     GRADE_MODES,
+    extract_exact,
     extract_flexible,
     extract_strict,
     grade,
@@ -36,7 +37,16 @@ from latentlib.tasks.schema import (
     validate_record,
     validate_records,
 )
-from latentlib.tasks.task import TASKS, Format, Task, TaskConfig, load_task, records_digest
+from latentlib.tasks.graph import (
+    GraphConfig,
+    NoPathError,
+    annotate_graph_record,
+    check_graph_record,
+    graph_vocabulary,
+    make_graph_record,
+    make_graph_splits,
+)
+from latentlib.tasks.task import TASKS, Format, Task, TaskConfig, load_task, record_words, records_digest
 from latentlib.tasks.synthetic import (
     ChainConfig,
     apply_op,
@@ -53,7 +63,16 @@ __all__ = [
     "Task",
     "TaskConfig",
     "load_task",
+    "record_words",
     "records_digest",
+    "GraphConfig",
+    "NoPathError",
+    "annotate_graph_record",
+    "check_graph_record",
+    "graph_vocabulary",
+    "make_graph_record",
+    "make_graph_splits",
+    "extract_exact",
     "GRADE_MODES",
     "ChainConfig",
     "DataFileNotFoundError",

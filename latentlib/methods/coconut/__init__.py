@@ -58,10 +58,11 @@ from a seeded generator (the reference draws it when it rebuilds the dataset eac
 
 from latentlib.methods.coconut.config import FORMATS, METHODS, CoconutConfig, without_curriculum
 from latentlib.methods.coconut.formats import (StagePlan, coconut_segments, eval_spec, plan_for, sample_stage,
-                                               stage_examples, stage_plan, thought_script)
+                                               smoothed_stage, stage_examples, stage_plan, thought_script)
 from latentlib.methods.coconut.io import SavedCoconut, load_coconut, save_coconut
 from latentlib.methods.coconut.train import CoconutRun, SeqVCR, make_loss, make_vcr, train_coconut
 
 __all__ = ["FORMATS", "METHODS", "CoconutConfig", "without_curriculum", "StagePlan", "stage_plan", "sample_stage",
+           "smoothed_stage",
            "plan_for", "coconut_segments", "stage_examples", "thought_script", "eval_spec", "SeqVCR", "make_vcr",
            "make_loss", "CoconutRun", "train_coconut", "SavedCoconut", "save_coconut", "load_coconut"]

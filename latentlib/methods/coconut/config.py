@@ -22,6 +22,7 @@ class CoconutConfig:
     max_latent_stage: int = 6  # stages above it remove every step and keep max_latent_stage * c thoughts
     uniform_prob: float = 0.0  # probability of building an example at a random stage in 0..n_steps
     pad_latent_to_max: bool = True  # beyond max_latent_stage: max_latent_stage*c thoughts even for short problems
+    removal_smoothing: float = 0.0  # iCoT's lambda: remove s more steps with P(s) ~ exp(-lambda s) (0: none)
     injection: str = "hs[-1]"  # what a thought is (latentlib.injection.INJECTION_SPECS; hs[-1] is the paper's)
     norm_match: bool = False  # rescale thoughts to the embedding RMS
     latent_positions: str = "continue"  # "continue": thoughts take positions; "skip": they share the next text's
@@ -38,6 +39,8 @@ class CoconutConfig:
             (self.c_thought >= 1, f"c_thought={self.c_thought} must be >= 1 (use method='icot' for no thoughts)"),
             (self.max_latent_stage >= 1, f"max_latent_stage={self.max_latent_stage} must be >= 1"),
             (0.0 <= self.uniform_prob <= 1.0, f"uniform_prob={self.uniform_prob} must be a probability in [0, 1]"),
+            (self.removal_smoothing >= 0, f"removal_smoothing={self.removal_smoothing} must be >= 0 (0 disables; "
+                                          "iCoT uses 4)"),
             (self.latent_positions in ("continue", "skip"),
              f"latent_positions={self.latent_positions!r}: use 'continue' or 'skip'"),
             (self.tbptt is None or self.tbptt >= 1, f"tbptt={self.tbptt} must be >= 1 or None"),

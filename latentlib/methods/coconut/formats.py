@@ -3,6 +3,7 @@ training segments that result, and the scripted start of generation at evaluatio
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from latentlib.policies import FREE, LATENT, ScriptedPolicy
 from latentlib.tasks import Format
 from latentlib.tokens import TokenIds, token_ids
 
-__all__ = ["StagePlan", "stage_plan", "sample_stage", "plan_for", "coconut_segments", "stage_examples",
+__all__ = ["StagePlan", "stage_plan", "sample_stage", "smoothed_stage", "plan_for", "coconut_segments", "stage_examples",
            "thought_script", "eval_spec"]
 
 
@@ -46,6 +47,18 @@ def sample_stage(scheduled: int, n_steps: int, uniform_prob: float, rng: random.
     if uniform_prob > 0 and rng.random() < uniform_prob:
         return rng.randint(0, n_steps)
     return scheduled
+
+
+def smoothed_stage(stage: int, n_steps: int, lam: float, rng: random.Random) -> int:
+    """iCoT's removal smoothing (Deng et al. 2024): ``stage + s`` with ``P(s) ~ exp(-lam s)``
+    for ``s >= 0``, at most ``n_steps`` (so the model sees, now and then, the removals of
+    the stages to come)."""
+    if lam <= 0:
+        return stage
+    s = 0
+    while s < n_steps and rng.random() < math.exp(-lam):  # geometric: P(s) = (1 - q) q^s with q = exp(-lam)
+        s += 1
+    return min(stage + s, max(stage, n_steps))
 
 
 def plan_for(stage: int, n_steps: int, cfg: CoconutConfig) -> StagePlan:
@@ -89,6 +102,7 @@ def stage_examples(encoded: Sequence[Encoded], stage: int, cfg: CoconutConfig, i
     out = []
     for enc in encoded:
         k = sample_stage(stage, len(enc.steps), cfg.uniform_prob, rng)
+        k = smoothed_stage(k, len(enc.steps), cfg.removal_smoothing, rng)
         out.append(coconut_segments(enc, plan_for(k, len(enc.steps), cfg), cfg, ids))
     return out
 

@@ -53,7 +53,7 @@ from latentlib.injection import make_injector
 from latentlib.methods.switch.config import switch_ids
 from latentlib.methods.switch.inference import latent_blocks, switch_policy
 from latentlib.recurrence import generate, latent_forward
-from latentlib.tasks import Format, extract_strict, grade
+from latentlib.tasks import Format, extract_exact, extract_strict, grade
 from latentlib.training.loop import TrainConfig, TrainResult, train
 
 __all__ = ["SwitchGRPOConfig", "Completions", "correctness_reward", "format_reward", "latent_usage_reward",
@@ -83,7 +83,7 @@ class SwitchGRPOConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     weight_decay: float = 0.0  # AdamW weight decay
     logging_steps: int = 5  # steps per history row
-    grade_mode: str = "strict"  # answer grading of the correctness reward
+    grade_mode: str | None = None  # answer grading of the correctness reward (None: the task format's)
     seed: int = 0  # data order and rollout seeds
 
     def __post_init__(self):
@@ -113,8 +113,8 @@ class SwitchGRPOConfig:
              f"lr_scheduler_type={self.lr_scheduler_type!r}: use 'linear', 'cosine' or 'constant'"),
             (self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables)"),
             (self.logging_steps >= 1, f"logging_steps={self.logging_steps} must be >= 1"),
-            (self.grade_mode in ("strict", "flexible", "math"),
-             f"grade_mode={self.grade_mode!r}: use 'strict', 'flexible' or 'math'"),
+            (self.grade_mode in (None, "strict", "flexible", "math", "exact"),
+             f"grade_mode={self.grade_mode!r}: use 'strict', 'flexible', 'math', 'exact' or None (the task's)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -154,7 +154,8 @@ def correctness_reward(c: Completions) -> torch.Tensor:
 
 def format_reward(c: Completions) -> torch.Tensor:
     """1 when the completion ends (eos), every block is closed and an answer follows ``####``."""
-    return torch.tensor([float(f and not u and extract_strict(t) is not None)
+    extract = extract_exact if c.grade_mode == "exact" else extract_strict
+    return torch.tensor([float(f and not u and extract(t) is not None)
                          for t, f, u in zip(c.texts, c.finished, c.unclosed)])
 
 
@@ -261,7 +262,7 @@ def rollout(model: nn.Module, tokenizer, records: Sequence, cfg: SwitchGRPOConfi
         blocks.append(latent_blocks(trace.is_latent[b], trace.tokens[b], ids.swi, ids.eos))
         unclosed.append(text_ids.count(ids.swi) != text_ids.count(ids.swi_end))
     answers = [r.answer for r in records for _ in range(G)]
-    comps = Completions(texts, answers, finished, blocks, unclosed, cfg.grade_mode)
+    comps = Completions(texts, answers, finished, blocks, unclosed, cfg.grade_mode or fmt.grade)
     if len(reward_funcs) != len(cfg.reward_weights):
         raise ValueError(f"{len(reward_funcs)} reward functions but {len(cfg.reward_weights)} reward_weights")
     per_func = torch.stack([f(comps).float() for f in reward_funcs], 1)  # (N, F)
