@@ -262,14 +262,28 @@ def save_model(model, tokenizer, directory: Path, meta: dict) -> None:
         write_complete(tmp, meta)
 
 
-def load_model_dir(directory: Path):
-    """``(model, tokenizer)`` saved by :func:`save_model` (safetensors only), in eval mode."""
+def load_model_dir(directory: Path, base=None):
+    """``(model, tokenizer)`` saved by :func:`save_model` (safetensors only), in eval mode.
+
+    A LoRA adapter directory (what ``save_pretrained`` of a PEFT model writes: only what was
+    trained) is loaded onto ``base`` (the model it was trained from, or a function that
+    returns it) and merged into it, so the result is a plain model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    directory = Path(directory)
     if not is_complete(directory):
         raise MissingArtifactError(f"{directory} is not a complete saved model")
-    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokenizer.padding_side = "left"
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        if base is None:
+            raise ValueError(f"{directory} holds a LoRA adapter (only what was trained): pass the model it was "
+                             "trained from as base=")
+        base_model = base() if callable(base) else base
+        model = PeftModel.from_pretrained(base_model, directory).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     model.eval()
     return model, tokenizer

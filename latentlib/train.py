@@ -31,6 +31,7 @@ import yaml  # noqa: E402
 from latentlib import stages  # noqa: E402
 from latentlib.notebook import context, notebook_parameters, notebook_path  # noqa: E402
 from latentlib.pipeline import UnknownParameterError, resolve_parameters  # noqa: E402
+from latentlib.presets import PRESETS  # noqa: E402
 
 __all__ = ["STAGES", "stage_parameters", "run_stage", "main"]
 
@@ -68,6 +69,9 @@ def stage_parameters(stage: str, params_file: Path, overrides: dict[str, str] | 
         raise FileNotFoundError(f"no parameter file {path}: give params/<preset>.yaml (e.g. params/tiny.yaml)")
     spec = yaml.safe_load(path.read_text()) or {}
     preset = str(spec.get("model") or path.stem)
+    if path.stem in PRESETS and path.stem != preset:
+        raise UnknownParameterError(f"{path} is named for preset {path.stem!r} but holds the parameters of "
+                                    f"{preset!r} (its 'model'): use params/{preset}.yaml, or fix the file's model")
     overrides = dict(overrides or {})
     defaults = notebook_parameters(notebook_path(notebook))
     unknown = [n for n in overrides if n not in defaults]

@@ -48,3 +48,20 @@ def test_recorded_evaluations_survive_method_names_with_slashes(tmp_path, monkey
     record_evaluation("r", pd.DataFrame({"method": ["Coconut w/o curriculum", "cot"], "correct": [1, 0]}), stage="02_curriculum")
     got = collect_evaluations("r")
     assert sorted(got.method) == ["Coconut w/o curriculum", "cot"] and set(got.stage) == {"02_curriculum"}
+
+
+def test_papermill_reads_every_assignment_of_every_parameters_cell():
+    """A comment papermill cannot parse drops its parameter silently from the recorded
+    configuration and from -p; every assignment of the parameters cell must come through."""
+    import ast
+
+    import nbformat
+
+    from latentlib.pipeline import NOTEBOOKS
+
+    for s in STAGES:
+        nb = nbformat.read(NOTEBOOKS / f"{s}.ipynb", as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                    for t in node.targets}
+        assert set(notebook_parameters(NOTEBOOKS / f"{s}.ipynb")) == assigned, s

@@ -27,11 +27,15 @@ def test_bad_commands_are_refused_with_the_fix(argv, message, capsys, tmp_path, 
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
-def test_a_parameter_file_of_another_preset_is_refused(tmp_path, capsys):
-    other = tmp_path / "tiny.yaml"
-    other.write_text("model: smollm2-135m\nseed: 0\n")
-    assert main(["base", "--params", str(other)]) == 2
-    assert "parameter file of preset 'smollm2-135m'" in capsys.readouterr().err
+def test_a_parameter_file_of_another_preset_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path / "runs"))
+    assert main(["base", "--params", "params/smollm2-135m.yaml", "-p", "model", "tiny"]) == 2
+    assert "conflicts with the preset 'smollm2-135m'" in capsys.readouterr().err
+    mislabelled = tmp_path / "tiny.yaml"
+    mislabelled.write_text("model: smollm2-135m\nseed: 0\n")
+    assert main(["base", "--params", str(mislabelled)]) == 2
+    assert "named for preset 'tiny' but holds the parameters of 'smollm2-135m'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_command_makes_what_the_stage_function_reuses(tmp_path, monkeypatch, capsys):

@@ -3,17 +3,20 @@
 For a from-scratch preset (``tiny``) three models are trained on the task and saved under
 ``runs/<run>/base/<name>``: ``cot`` (question, steps, answer), ``nocot`` (question, answer)
 and ``cot_markers`` (CoT with an empty ``<bot><eot>`` pair, Coconut's stage 0). For a
-pretrained preset the base is the pretrained model itself (nothing is trained; offline, a
-missing model fails at once with what to do). Either way each base model is evaluated on
-the test split and its per-problem rows recorded for notebook 04.
+pretrained preset the same three are LoRA fine-tunes of the pretrained model (only the
+adapter is saved), or, with no training steps, ``cot`` is the pretrained model as it is
+(offline, a missing model fails at once with what to do). Either way each base model is
+evaluated on the test split and its per-problem rows recorded for notebook 04.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
+from peft import PeftModel
 
 from latentlib import artifacts
 from latentlib.evaluate import evaluate, record_evaluation
@@ -23,10 +26,11 @@ from latentlib.presets import Preset, get_preset, load_model
 from latentlib.stages.reuse import build_or_reuse, identity, stage_key
 from latentlib.tasks import Task, TaskConfig, load_task
 from latentlib.tokens import add_special_tokens
+from latentlib.training.lora import lora_for_preset
 from latentlib.training.loop import TrainConfig
 
 __all__ = ["BaseModelsConfig", "BaseModel", "base_model", "base_models", "task_of", "pretrained", "load_base",
-           "base_identity", "check_scratch_fit"]
+           "base_identity", "check_scratch_fit", "load_trained"]
 
 MADE_BY = "00_teacher_extraction.ipynb"
 KINDS = {"cot": ("cot", False), "nocot": ("nocot", False), "cot_markers": ("cot", True)}
@@ -48,19 +52,38 @@ def pretrained(preset: Preset):
     return model, tokenizer
 
 
+def load_trained(run: str, preset: Preset, directory: Path):
+    """``(model, tokenizer)`` of a model artifact, whatever it holds: a whole model (from-scratch
+    presets), a LoRA adapter (real presets: only what was trained) loaded onto the model it
+    was trained from and merged, or nothing but the note that it is the pretrained model.
+    An adapter's metadata names what it started from (``started_from``: a stage and an
+    artifact of the run, or ``None`` for the pretrained weights), loaded the same way."""
+    meta = artifacts.read_meta(directory)
+    if meta.get("pretrained_as_is"):
+        return pretrained(preset)
+    start = meta.get("started_from")
+
+    def base():
+        if start is None:
+            return pretrained(preset)[0]
+        return load_trained(run, preset, artifacts.artifact_dir(run, *start))[0]
+
+    return artifacts.load_model_dir(directory, base=base)
+
+
 def load_base(run: str, preset: Preset):
-    """The CoT model the latent methods start from, with the special tokens: for a
-    from-scratch preset ``runs/<run>/base/cot``, for a real preset the pretrained weights."""
-    if preset.source == "scratch":
-        return artifacts.load_model_dir(artifacts.require_artifact(run, "base", "cot", made_by=MADE_BY))
-    return pretrained(preset)
+    """The CoT model the latent methods start from, with the special tokens:
+    ``runs/<run>/base/cot`` (for a real preset, the pretrained weights, fine-tuned on the
+    task's CoT when notebook 00 was given steps for it). A real preset's weights are
+    loaded first, so a missing model fails at once with what to do."""
+    if preset.source != "scratch":
+        pretrained(preset)  # offline and not cached: the error that says how to get the weights
+    return load_trained(run, preset, artifacts.require_artifact(run, "base", "cot", made_by=MADE_BY))
 
 
 def base_identity(run: str, preset: Preset) -> str:
     """The base model's part of a later stage's key."""
-    if preset.source == "scratch":
-        return identity(artifacts.require_artifact(run, "base", "cot", made_by=MADE_BY))
-    return f"pretrained {preset.name} ({preset.hub_id})"
+    return identity(artifacts.require_artifact(run, "base", "cot", made_by=MADE_BY))
 
 
 @dataclass(frozen=True)
@@ -121,16 +144,26 @@ def base_model(run: str, cfg: BaseModelsConfig, kind: str, *, stage: str = "base
     out = artifacts.artifact_dir(run, stage, kind)
 
     def build(record, checkpoint):
-        model, tokenizer = load_model(preset.name, words=list(task.words), seed=bc.seed)
-        add_special_tokens(model, tokenizer)
+        meta = {"kind": f"base model ({kind})", **record, "seed": bc.seed}
+        if preset.source == "scratch":
+            model, tokenizer = load_model(preset.name, words=list(task.words), seed=bc.seed)
+            add_special_tokens(model, tokenizer)
+        else:
+            model, tokenizer = pretrained(preset)
+            if not bc.train.steps:  # the pretrained model as it is: nothing to save but the note
+                with artifacts.atomic_dir(out) as tmp:
+                    artifacts.write_complete(tmp, {**meta, "pretrained_as_is": True, "history": [], "seconds": 0.0})
+                return model, tokenizer
+            model = lora_for_preset(model, tokenizer, preset, tokens=("<bot>", "<eot>") if bc.markers else ())
         result = train_base(model, tokenizer, task.splits.train, bc, task.format, checkpoint_dir=checkpoint,
                             progress=progress)
-        artifacts.save_model(model, tokenizer, out, {"kind": f"base model ({kind})", **record,
-                                                     "history": result.history, "seconds": result.seconds,
-                                                     "seed": bc.seed})
-        return model, tokenizer
+        artifacts.save_model(model, tokenizer, out, {**meta, "started_from": None, "history": result.history,
+                                                     "seconds": result.seconds})
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
+        return model.eval(), tokenizer
 
-    built = build_or_reuse(out, config, inputs, build=build, load=lambda d, meta: artifacts.load_model_dir(d),
+    built = build_or_reuse(out, config, inputs, build=build, load=lambda d, meta: load_trained(run, preset, d),
                            label=f"{stage}/{kind}")
     model, tokenizer = built.value
     return BaseModel(kind, model, tokenizer, built.meta.get("history", []), built.meta.get("seconds", 0.0),
@@ -162,12 +195,11 @@ def base_models(run: str, cfg: BaseModelsConfig, *, progress: bool = True) -> di
     """Trains (or reuses) each base model, evaluates it on the test split and records the
     per-problem rows (``runs/<run>/eval/``)."""
     preset, task = task_of(cfg.model, cfg.task)
-    if preset.source == "scratch":
-        check_scratch_fit(task, preset)
-        models = {kind: base_model(run, cfg, kind, progress=progress) for kind in cfg.kinds}
+    check_scratch_fit(task, preset)
+    if preset.source != "scratch" and not cfg.train.steps:  # the pretrained model as it is: one CoT row
+        models = {"cot": base_model(run, cfg, "cot", progress=progress)}
     else:
-        model, tokenizer = pretrained(preset)
-        models = {"cot": BaseModel("cot", model, tokenizer)}
+        models = {kind: base_model(run, cfg, kind, progress=progress) for kind in cfg.kinds}
     budget = task.answer_budget(preset.source == "scratch")
     for name, m in models.items():
         spec = base_eval_spec(name, m.tokenizer, markers=KINDS[name][1], max_new_tokens=budget)

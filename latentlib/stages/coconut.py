@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
+from peft import PeftModel
 
 from latentlib import artifacts
 from latentlib.batching import collate, encode_record
@@ -28,17 +29,18 @@ from latentlib.injection import INJECTION_SPECS, make_injector
 from latentlib.methods.coconut import (CoconutConfig, eval_spec, load_coconut, make_loss, make_vcr, save_coconut,
                                        stage_examples, train_coconut, without_curriculum)
 from latentlib.presets import get_preset, load_model
-from latentlib.stages.base import task_of
+from latentlib.stages.base import load_trained, task_of
 from latentlib.stages.reuse import build_or_reuse, identity
 from latentlib.tasks import TaskConfig
 from latentlib.tokens import add_special_tokens, token_ids
 from latentlib.training.curriculum import CurriculumConfig
+from latentlib.training.lora import lora_for_preset
 from latentlib.training.loop import TrainConfig
 from latentlib.training.memory import saved_tensor_bytes
 
 __all__ = ["CoconutStageConfig", "CoconutRunConfig", "CoconutModel", "CoconutResults", "bracketed_base",
            "coconut_model", "coconut_formats", "coconut_table1", "coconut_thoughts", "coconut_variants",
-           "vcr_memory", "coconut"]
+           "vcr_memory", "coconut", "load_coconut_run"]
 
 STAGE = "02_curriculum"
 BASES = ("scratch", "cot", "nocot", "cot_markers", "cot_bracketed")
@@ -152,29 +154,40 @@ def _base_dir(run: str, base: str):
     return artifacts.require_artifact(run, "base", base, made_by="00_teacher_extraction.ipynb")
 
 
-def _start_model(run: str, cfg: CoconutRunConfig, words):
-    """A fresh copy of the run's starting model (a new random one for ``base="scratch"``)."""
-    if cfg.base == "scratch":  # like notebook 00's base models
+def _started_from(cfg: CoconutRunConfig, preset) -> tuple[str, str] | None:
+    """The artifact a run starts from (``base="scratch"`` with a pretrained preset: the
+    base CoT model, since a pretrained model is not trained from scratch), or None."""
+    if cfg.base == "scratch":
+        return None if preset.source == "scratch" else ("base", "cot")
+    return ("curriculum", cfg.base) if cfg.base == "cot_bracketed" else ("base", cfg.base)
+
+
+def _start_model(run: str, cfg: CoconutRunConfig, preset, words):
+    """A fresh copy of the run's starting model (a new random one for ``base="scratch"``
+    with a from-scratch preset), made trainable the preset's way (all weights, or LoRA
+    with the markers' and pauses' rows)."""
+    start = _started_from(cfg, preset)
+    if start is None:  # like notebook 00's base models
         model, tok = load_model(cfg.model, words=list(words), seed=cfg.curriculum.train.seed)
         add_special_tokens(model, tok)
-        return model, tok
-    return artifacts.load_model_dir(_base_dir(run, cfg.base))
+    else:
+        model, tok = load_trained(run, preset, _base_dir(run, start[1]))
+    return lora_for_preset(model, tok, preset, tokens=("<bot>", "<eot>", "<pause>")), tok
 
 
 def coconut_model(run: str, cfg: CoconutRunConfig, name: str, *, progress: bool = True) -> CoconutModel:
-    """Trains (or reuses) one Coconut run and saves it under ``runs/<run>/curriculum/<name>``."""
+    """Trains (or reuses) one Coconut run and saves it under ``runs/<run>/curriculum/<name>``
+    (a real preset's run saves its LoRA adapter, loaded back onto the model it started from)."""
     preset, task = task_of(cfg.model, cfg.task)
-    if preset.source != "scratch":
-        raise ValueError(f"the Coconut stage trains from the from-scratch base models of notebook 00; preset "
-                         f"{preset.name!r} is pretrained: run it with model='tiny' (or another from-scratch preset)")
     out = artifacts.artifact_dir(run, "curriculum", name)
     scratch = cfg.eval_stages == "none"
+    start = _started_from(cfg, preset)
     inputs = {"records": task.digest}
-    if cfg.base != "scratch":
-        inputs["base"] = identity(_base_dir(run, cfg.base))
+    if start is not None:
+        inputs["base"] = identity(_base_dir(run, start[1]))
 
     def build(record, checkpoint):
-        model, tok = _start_model(run, cfg, task.words)
+        model, tok = _start_model(run, cfg, preset, task.words)
         encoded = [encode_record(tok, r, task.format) for r in task.splits.train]
         res = train_coconut(model, tok, task.splits.train, cfg.coconut, cfg.curriculum, task.format,
                             eval_records=None if scratch else task.splits.test,
@@ -182,13 +195,16 @@ def coconut_model(run: str, cfg: CoconutRunConfig, name: str, *, progress: bool 
                             checkpoint_dir=checkpoint, progress=progress)
         model.eval()
         save_coconut(out, model, tok, cfg.coconut, cfg.curriculum, injector=res.injector,
-                     meta={**record, "seed": cfg.curriculum.train.seed, "seconds": res.seconds,
+                     meta={**record, "seed": cfg.curriculum.train.seed, "seconds": res.seconds, "started_from": start,
                            "table": res.table.to_dict("records"), "history": res.history.to_dict("records")},
                      tables={"evaluation.csv": res.per_problem} if len(res.per_problem) else None)
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload().eval()
         return model, tok, res.injector, res.per_problem
 
     def load(directory, meta):
-        saved = load_coconut(directory)
+        saved = load_coconut(directory, base=lambda: load_trained(run, preset, _base_dir(run, start[1]))[0]
+                             if start is not None else None)
         per_problem = pd.read_csv(directory / "evaluation.csv") if (directory / "evaluation.csv").is_file() \
             else pd.DataFrame()
         return saved.model, saved.tokenizer, saved.injector, per_problem
@@ -198,6 +214,14 @@ def coconut_model(run: str, cfg: CoconutRunConfig, name: str, *, progress: bool 
     meta = built.meta
     return CoconutModel(name, model, tok, cfg.coconut, cfg.curriculum, injector, pd.DataFrame(meta.get("table", [])),
                         pd.DataFrame(meta.get("history", [])), per_problem, meta.get("seconds", 0.0), built.status)
+
+
+def load_coconut_run(run: str, preset, name: str):
+    """A Coconut model of the run (:class:`~latentlib.methods.coconut.SavedCoconut`), an
+    adapter loaded onto the model it started from."""
+    directory = artifacts.require_artifact(run, "curriculum", name, made_by="02_curriculum.ipynb")
+    start = artifacts.read_meta(directory).get("started_from")
+    return load_coconut(directory, base=lambda: load_trained(run, preset, _base_dir(run, start[1]))[0])
 
 
 def bracketed_base(run: str, cfg: CoconutStageConfig, *, progress: bool = True) -> CoconutModel:
@@ -237,7 +261,7 @@ def coconut_table1(run: str, cfg: CoconutStageConfig, main: dict[str, CoconutMod
         return _row(method, fmt, summarize(df))
 
     def base(name):
-        return artifacts.load_model_dir(_base_dir(run, name))
+        return load_trained(run, preset, _base_dir(run, name))
 
     rows = [evaluated("CoT", "plain", *base("cot"), EvalSpec("CoT")),
             evaluated("no-CoT", "plain", *base("nocot"), EvalSpec("no-CoT"))]
@@ -306,8 +330,7 @@ def vcr_memory(run: str, cfg: CoconutStageConfig) -> pd.DataFrame:
     import time
 
     preset, task = task_of(cfg.model, cfg.task)
-    model, tok = artifacts.load_model_dir(artifacts.require_artifact(run, "base", "cot",
-                                                                     made_by="00_teacher_extraction.ipynb"))
+    model, tok = load_trained(run, preset, _base_dir(run, "cot"))
     ids = token_ids(tok)
     encoded = [encode_record(tok, r, task.format) for r in task.splits.train[:cfg.batch_size]]
     rows = []

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from latentlib import artifacts
 from latentlib.evaluate import evaluate
 from latentlib.injection import make_injector
 from latentlib.methods import switch as sw
-from latentlib.methods.coconut import SavedCoconut, eval_spec, load_coconut
+from latentlib.methods.coconut import SavedCoconut, eval_spec
+from latentlib.stages.coconut import load_coconut_run
 from latentlib.presets import get_preset
 from latentlib.probes import ABLATIONS, AblatedInjector, collect_traces, lens_step_matrix, stack_thoughts
 from latentlib.stages.base import task_of
@@ -45,9 +45,7 @@ def probe_models(run: str, model: str, task: TaskConfig) -> ProbeModels:
     """The latest SWITCH phase of the run and the Coconut models of notebook 02."""
     preset, t = task_of(model, task)
     switch_model, switch_tok, switch_cfg, name = latest_switch_model(run, get_preset(model))
-    coconut = {fmt: load_coconut(artifacts.require_artifact(run, "curriculum", f"coconut_{fmt}",
-                                                            made_by="02_curriculum.ipynb"))
-               for fmt in ("plain", "markers")}
+    coconut = {fmt: load_coconut_run(run, preset, f"coconut_{fmt}") for fmt in ("plain", "markers")}
     return ProbeModels(t, switch_model, switch_tok, switch_cfg, name, coconut)
 
 

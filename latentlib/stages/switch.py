@@ -2,7 +2,7 @@
 
 | phase | notebook | in | out |
 |---|---|---|---|
-| 1 | 01_sft | the base model (``base/cot`` or pretrained weights); ``teacher/teacher`` if present | ``sft/switch_phase1`` |
+| 1 | 01_sft | ``base/cot`` (from-scratch presets) or the pretrained weights (as the card); ``teacher/teacher`` if present | ``sft/switch_phase1`` |
 | 2 | 02_curriculum | ``sft/switch_phase1`` | ``curriculum/switch_phase2`` |
 | 3 | 03_grpo | ``curriculum/switch_phase2`` | ``grpo/switch_phase3`` |
 
@@ -23,7 +23,7 @@ from latentlib import artifacts
 from latentlib.methods import switch as sw
 from latentlib.methods.switch import Span, SpanRule, SwitchConfig, SwitchGRPOConfig
 from latentlib.presets import Preset, get_preset
-from latentlib.stages.base import base_identity, load_base, task_of
+from latentlib.stages.base import base_identity, load_base, pretrained, task_of
 from latentlib.stages.reuse import build_or_reuse, identity
 from latentlib.tasks import Format, TaskConfig
 from latentlib.teacher import load_rollouts
@@ -197,11 +197,14 @@ def switch_phase1(run: str, cfg: Phase1Config, *, name: str = "switch_phase1", p
     preset, task = task_of(cfg.model, cfg.task)
     out = artifacts.artifact_dir(run, "sft", name)
     teacher_dir = artifacts.artifact_dir(run, "teacher", "teacher")
-    inputs = {"base": base_identity(run, preset), "records": task.digest,
+    start = base_identity(run, preset) if preset.source == "scratch" else f"pretrained {preset.name} ({preset.hub_id})"
+    inputs = {"base": start, "records": task.digest,
               "teacher": identity(teacher_dir) if artifacts.is_complete(teacher_dir) else "none"}
 
     def build(record, checkpoint):
-        model, tok = load_base(run, preset)
+        # a from-scratch preset starts from notebook 00's CoT model; a real one, as the SWITCH card, from the
+        # pretrained weights, so that its adapters load with the card's quick-start onto those weights
+        model, tok = load_base(run, preset) if preset.source == "scratch" else pretrained(preset)
         ents, source = phase1_entropies(run, model, tok, task.splits.train, cfg.rule, task.format)
         spans, info = sw.label_spans(task.splits.train, ents, cfg.rule)
         info["entropy_source"] = source

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["apply_lora"]
+__all__ = ["apply_lora", "lora_for_preset"]
 
 
 def apply_lora(model, *, r: int, alpha: float, targets: Sequence[str], dropout: float = 0.0, **extra):
@@ -21,3 +21,21 @@ def apply_lora(model, *, r: int, alpha: float, targets: Sequence[str], dropout: 
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                         task_type="CAUSAL_LM", **{"bias": "none", **extra})
     return get_peft_model(model, config)
+
+
+def lora_for_preset(model, tokenizer, preset, tokens: Sequence[str] = ()):
+    """The preset's way to train ``model``: every weight for a from-scratch preset; LoRA on
+    the preset's targets (rank and alpha) for a real one, with the rows of ``tokens`` (the
+    method's special tokens, new to the pretrained vocabulary) trainable too. A tied LM
+    head stays tied."""
+    if not preset.use_lora:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    extra = {}
+    if tokens:
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+        extra["trainable_token_indices"] = {"embed_tokens": ids}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    return apply_lora(model, r=preset.lora_r, alpha=preset.lora_alpha, targets=preset.lora_targets,
+                      ensure_weight_tying=tied, **extra)

@@ -48,10 +48,12 @@ def save_coconut(directory, model, tokenizer, cfg: CoconutConfig, curriculum: Cu
                                        "curriculum": asdict(curriculum)})
 
 
-def load_coconut(directory) -> SavedCoconut:
-    """What :func:`save_coconut` wrote; a clear error for a directory that is not a Coconut model."""
+def load_coconut(directory, *, base=None) -> SavedCoconut:
+    """What :func:`save_coconut` wrote; a clear error for a directory that is not a Coconut
+    model. A LoRA adapter is loaded onto ``base`` (the model it was trained from, or a
+    function returning it) and merged."""
     directory = Path(directory)
-    model, tokenizer = artifacts.load_model_dir(directory)
+    model, tokenizer = artifacts.load_model_dir(directory, base=base)
     meta = artifacts.read_meta(directory)
     if "coconut" not in meta or "curriculum" not in meta:
         raise ValueError(f"{directory} records no Coconut configuration (keys 'coconut', 'curriculum'): it was not "
