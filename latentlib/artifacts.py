@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 __all__ = ["runs_root", "stage_dir", "artifact_dir", "MissingArtifactError", "CorruptArtifactError",
            "atomic_dir", "write_complete", "is_complete", "require_artifact", "save_tree", "load_tree",
            "save_json", "load_json", "versions", "rng_state", "set_rng_state", "save_state_dict",
-           "load_state_dict_file", "save_model", "load_model_dir", "read_meta"]
+           "load_state_dict_file", "save_model", "save_pretrained", "load_model_dir", "read_meta"]
 
 COMPLETE = "COMPLETE"
 
@@ -254,10 +254,23 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------- whole models
 
 
+def save_pretrained(model, directory: Path) -> None:
+    """``model.save_pretrained`` in safetensors. A PEFT model saves only what was trained (its
+    adapter and trainable token rows), not the embedding matrices peft would add for a
+    resized vocabulary: the loaders rebuild the base with the same special tokens
+    (:func:`latentlib.tokens.add_special_tokens` sets their rows deterministically)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
+
+
 def save_model(model, tokenizer, directory: Path, meta: dict) -> None:
-    """``save_pretrained`` (safetensors) + tokenizer, atomically, with a completion marker."""
+    """:func:`save_pretrained` + tokenizer, atomically, with a completion marker."""
     with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_pretrained(model, tmp)
         tokenizer.save_pretrained(tmp)
         write_complete(tmp, meta)
 

@@ -76,3 +76,38 @@ def test_nbval_reruns_give_the_same_checked_outputs(smoke_run, tmp_path):
                           "-p", "no:cacheprovider", "--nbval-lax", "--nbval-sanitize-with", str(sanitize),
                           *map(str, done)], capture_output=True, text=True, env=env, timeout=1800)
     assert res.returncode == 0, res.stdout[-4000:]
+
+
+# The same notebooks on the real SmolLM2-135M (LoRA adapters, the chain task), budgets of a step or two.
+SMOKE_SMOLLM2 = {
+    "00_teacher_extraction": {"task": "chain", "n_train": 64, "n_test": 8, "base_steps": 2, "batch_size": 4,
+                              "lr": 1e-4, "teacher_problems": 8, "teacher_rollouts": 2, "teacher_max_tokens": 24,
+                              "teacher_layers": "0,-1", "teacher_speed_problems": 1},
+    "01_sft": {"task": "chain", "n_train": 64, "n_test": 8, "teacher_problems": 8, "qthink_steps": 2,
+               "qthink_batch_size": 2, "switch_sft_steps": 2, "switch_batch_size": 4, "eval_batch_size": 8},
+    "02_curriculum": {"task": "chain", "n_train": 64, "n_test": 8, "steps_per_stage": 1, "final_stage_steps": 1,
+                      "bracketed_steps": 1, "batch_size": 4, "lr": 1e-4, "second_c": 0,
+                      "switch_steps_per_stage": 1, "switch_final_steps": 1, "switch_batch_size": 4},
+    "03_grpo": {"task": "chain", "n_train": 64, "n_test": 8, "max_steps": 1, "num_generations": 2,
+                "prompts_per_step": 2, "logging_steps": 1, "max_completion_length": 24},
+    "04_evaluation": {"task": "chain", "n_train": 64, "n_test": 8, "prefix_draws": 1, "steer_pairs": 8},
+    "05_probes": {"task": "chain", "n_train": 64, "n_test": 8, "batch_size": 8},
+}
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_headless_on_smollm2(tmp_path, monkeypatch):
+    """Every notebook, in order, on the real 135M model: LoRA adapters saved and loaded back
+    onto what they started from, through the same stages as the tiny run."""
+    import papermill as pm
+
+    monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LATENTLIB_REPORTS", str(tmp_path / "reports"))
+    for stage in STAGES:
+        pm.execute_notebook(str(NOTEBOOKS / f"{stage}.ipynb"), str(tmp_path / f"{stage}.ipynb"),
+                            parameters={"model": "smollm2-135m", "run": "smollm2", **SMOKE_SMOLLM2[stage]},
+                            cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False)
+    sizes = {a.parent.name: a.stat().st_size for a in (tmp_path / "runs" / "smollm2").rglob("adapter_model.safetensors")}
+    assert {"cot", "coconut_plain", "switch_phase3"} <= set(sizes)
+    # only what was trained: LoRA and the new tokens' rows (SWITCH, as its card, trains the whole embedding and head)
+    assert all(size < 60e6 for name, size in sizes.items() if not name.startswith("switch")), sizes

@@ -38,7 +38,7 @@ def save_coconut(directory, model, tokenizer, cfg: CoconutConfig, curriculum: Cu
     when it has any, ``tables`` as CSV files (name -> frame, e.g. the evaluation's rows) and
     the two configurations in the ``COMPLETE`` marker."""
     with artifacts.atomic_dir(Path(directory)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        artifacts.save_pretrained(model, tmp)
         tokenizer.save_pretrained(tmp)
         if injector is not None and len(injector.state_dict()):
             artifacts.save_state_dict(injector.state_dict(), tmp / INJECTOR_FILE)

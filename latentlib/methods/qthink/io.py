@@ -86,7 +86,7 @@ def save_qthink(directory: Path, model, tokenizer, projection: Projection | None
     """Model (full weights, or the PEFT adapter for a LoRA model) + tokenizer +
     ``projection_head.pt`` (omitted for the text-only SFT baseline), atomically."""
     with artifacts.atomic_dir(Path(directory)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        artifacts.save_pretrained(model, tmp)
         tokenizer.save_pretrained(tmp)
         if projection is not None:
             save_head(projection.head, tmp / HEAD_FILE)
