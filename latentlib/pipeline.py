@@ -10,6 +10,12 @@ run would silently use the default).
     python -m latentlib.pipeline tiny               # the whole pipeline on the embedded default
     python -m latentlib.pipeline tiny -p seed 1 --run tiny-seed1
     python -m latentlib.pipeline tiny --only 00_teacher_extraction
+    latentlib-pipeline tiny --project DIR           # installed: runs and reports under DIR
+
+Notebooks and parameter files come from the project directory (``latentlib.project``):
+the checkout, ``--project DIR``, else the copies shipped inside the package. The
+notebooks run in the Jupyter kernel ``latentlib`` (``make install`` registers it) when it
+belongs to this interpreter, else in ``python3`` (this interpreter's own kernel).
 """
 
 from __future__ import annotations
@@ -26,11 +32,15 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["STAGES", "UnknownParameterError", "notebook_parameters", "resolve_parameters", "run_pipeline", "main"]
+from latentlib import project  # path resolution only: no torch
 
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ROOT / "notebooks"
-PARAMS = ROOT / "params"
+__all__ = ["STAGES", "UnknownParameterError", "notebook_parameters", "resolve_parameters", "run_pipeline",
+           "choose_kernel", "use_project", "main"]
+
+ROOT = project.project_dir()  # the project directory (None: an installed package used without --project)
+NOTEBOOKS = project.notebooks_dir()
+PARAMS = project.params_dir()
+KERNEL = "latentlib"  # the Jupyter kernel the notebooks declare; `make install` registers it
 STAGES = ("00_teacher_extraction", "01_sft", "02_curriculum", "03_grpo", "04_evaluation", "05_probes")
 
 
@@ -214,19 +224,78 @@ def run_pipeline(preset: str, *, run: str | None = None, overrides: dict[str, st
     return results
 
 
+def _same_environment(executable: str) -> bool:
+    """Whether a kernel's interpreter is this one's (the same bin/ directory: the same environment)."""
+    import shutil
+
+    exe = shutil.which(executable) or executable
+    return Path(os.path.abspath(exe)).parent == Path(os.path.abspath(sys.executable)).parent
+
+
+def choose_kernel(requested: str | None = None) -> str:
+    """The kernel the notebooks run in: ``requested`` if given (it must exist), else
+    ``latentlib`` when it is registered for this interpreter, else ``python3``.
+
+    ``python3`` is jupyter_client's kernel for the interpreter that starts it, so the
+    fallback runs the notebooks in the very environment the pipeline runs in; a
+    ``latentlib`` kernel that is missing, or registered for another environment (another
+    checkout's ``.venv``), is passed over with a message rather than stopping a run."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(requested or KERNEL)
+    except NoSuchKernel:
+        if requested:
+            raise ValueError(f"no Jupyter kernel named {requested!r} (see `jupyter kernelspec list`)") from None
+        print(f"[pipeline] the Jupyter kernel {KERNEL!r} is not registered: the notebooks run in 'python3', this "
+              f"interpreter's own kernel ({sys.executable}). `make install` registers it, or: {sys.executable} -m "
+              f"ipykernel install --sys-prefix --name {KERNEL}", flush=True)
+        return "python3"
+    if requested:
+        return requested
+    if not _same_environment(spec.argv[0]):
+        print(f"[pipeline] the Jupyter kernel {KERNEL!r} runs {spec.argv[0]}, not this environment "
+              f"({sys.executable}): the notebooks run in 'python3' instead. To point it here: {sys.executable} -m "
+              f"ipykernel install --sys-prefix --name {KERNEL}", flush=True)
+        return "python3"
+    return KERNEL
+
+
+def use_project(directory: str | os.PathLike) -> Path:
+    """Makes ``directory`` the project directory of this process and of the kernels it starts."""
+    global ROOT, NOTEBOOKS, PARAMS
+    path = Path(directory).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["LATENTLIB_PROJECT"] = str(path)
+    ROOT, NOTEBOOKS, PARAMS = project.project_dir(), project.notebooks_dir(), project.params_dir()
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m latentlib.pipeline", description=__doc__.split("\n\n")[0])
+    prog = "latentlib-pipeline" if Path(sys.argv[0]).name == "latentlib-pipeline" else "python -m latentlib.pipeline"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("preset", help="model preset (params/<preset>.yaml)")
     ap.add_argument("--run", default=None, help="run name (default: the preset name)")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override one notebook parameter")
     ap.add_argument("--only", default=None, help="comma-separated stages to run (default: all)")
+    ap.add_argument("--project", default=None, metavar="DIR",
+                    help="project directory: its notebooks/ and params/ if it has them (else the ones shipped with "
+                         "the package); runs/ and reports/ are written under it (default: the checkout, or "
+                         "$LATENTLIB_PROJECT)")
+    ap.add_argument("--kernel", default=None,
+                    help=f"Jupyter kernel to run the notebooks in (default: {KERNEL!r} if registered for this "
+                         "environment, else 'python3')")
     args = ap.parse_args(argv)
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     try:
+        if args.project:
+            use_project(args.project)
+        print(f"[pipeline] {project.describe()}", flush=True)
+        kernel = choose_kernel(args.kernel)
         run_pipeline(args.preset, run=args.run, overrides=dict(args.parameter),
-                     only=tuple(args.only.split(",")) if args.only else None)
-    except (UnknownParameterError, ValueError) as e:
+                     only=tuple(args.only.split(",")) if args.only else None, kernel=kernel)
+    except (UnknownParameterError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
