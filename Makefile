@@ -11,7 +11,7 @@ THREADS ?= 2
 TORCH ?= 2.13.0
 KERNEL := latentlib
 
-.PHONY: pipeline test test-slow bench install lab clean-runs
+.PHONY: pipeline test test-slow bench install lab readme clean-runs
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(VENV)/.installed
 # JupyterLab on the notebooks (kernel `latentlib`); as root it needs --allow-root
 lab: $(VENV)/.installed
 	cd notebooks && OMP_NUM_THREADS=$(THREADS) $(abspath $(VENV))/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# the README's results and benchmark tables from reports/$(PRESET)/tables and benchmarks/results
+# (also written to docs/results/$(PRESET).json, which tests/test_readme.py holds the README to)
+readme: $(VENV)/.installed
+	$(PY) -m latentlib.readme --run $(PRESET)
 
 clean-runs:
 	rm -rf runs reports/*/
