@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
-import html
 import json
 import os
 import sys
@@ -126,51 +125,17 @@ def resolve_parameters(preset: str, overrides: dict[str, str] | None = None,
 
 
 def _render_html(executed: Path) -> Path:
-    from nbconvert import HTMLExporter
+    """The executed notebook as a self-contained HTML page beside it (``latentlib.report``)."""
+    from latentlib.report import render_html
 
-    body, _ = HTMLExporter().from_filename(str(executed))
-    out = executed.with_suffix(".html")
-    out.write_text(body)
-    return out
+    return render_html(executed)
 
 
 def _write_index(report: Path, run: str, preset: str, results: list[dict]) -> Path:
-    import pandas as pd
+    """``index.html``: the main table and headline figure on top, links to every notebook, table, figure."""
+    from latentlib.report import write_index
 
-    tables = report / "tables"
-    main = next((tables / f"{n}.csv" for n in ("main", "base") if (tables / f"{n}.csv").exists()), None)
-    parts = [f"<h1>latentlib report: run <code>{html.escape(run)}</code> (preset <code>{html.escape(preset)}</code>)</h1>"]
-    if main is not None:
-        parts.append(f"<h2>Results ({main.stem})</h2>" + pd.read_csv(main).to_html(index=False, border=0))
-    probes = tables / "probes_summary.csv"
-    if probes.exists():
-        parts.append("<h2>Probes (05_probes)</h2>"
-                     + pd.read_csv(probes).to_html(index=False, border=0, float_format=lambda v: f"{v:.3f}"))
-    rows = "".join(
-        f"<tr><td>{r['stage']}</td><td>{r['status']}</td><td>{r.get('seconds', 0):.0f}</td>"
-        + (f"<td><a href='{r['stage']}.html'>report</a></td>" if r["status"] == "ok" else "<td></td>") + "</tr>"
-        for r in results)
-    total = sum(r.get("seconds", 0) for r in results)
-    rows += f"<tr><th>total</th><th></th><th>{total:.0f} ({total / 60:.1f} min)</th><th></th></tr>"
-    parts.append("<h2>Stages</h2><table><tr><th>notebook</th><th>status</th><th>seconds</th><th></th></tr>"
-                 + rows + "</table>")
-    other = sorted(p for p in tables.glob("*.csv") if p not in (main, probes))
-    if other:
-        parts.append("<h2>Tables</h2><ul>" + "".join(f"<li><a href='tables/{p.name}'>{p.stem}</a></li>" for p in other)
-                     + "</ul>")
-    figs = sorted((report / "figures").glob("*.png"))
-    if figs:
-        parts.append("<h2>Figures</h2>" + "".join(
-            f"<figure><img src='figures/{p.name}' style='max-width:640px'><figcaption>{p.stem}</figcaption></figure>"
-            for p in figs))
-    style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right;"
-             "white-space:nowrap}td:first-child,th:first-child{text-align:left}"
-             "th{background:#f4f4f4}</style>")
-    index = report / "index.html"
-    index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>latentlib {run}</title>{style}</head>"
-                     f"<body>{''.join(parts)}</body></html>")
-    return index
+    return write_index(report, run, preset, results, project=ROOT)
 
 
 def run_pipeline(preset: str, *, run: str | None = None, overrides: dict[str, str] | None = None,
