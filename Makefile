@@ -40,9 +40,10 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run
 
-# JupyterLab on the notebooks (kernel `latentlib`); as root it needs --allow-root
+# JupyterLab on the notebooks, new ones in the kernel `latentlib`; as root it needs --allow-root
 lab: $(VENV)/.installed
-	cd notebooks && OMP_NUM_THREADS=$(THREADS) $(abspath $(VENV))/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+	cd notebooks && OMP_NUM_THREADS=$(THREADS) $(abspath $(VENV))/bin/jupyter lab \
+		--MappingKernelManager.default_kernel_name=$(KERNEL) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # the README's results and benchmark tables from reports/$(PRESET)/tables and benchmarks/results
 # (also written to docs/results/$(PRESET).json, which tests/test_readme.py holds the README to)
