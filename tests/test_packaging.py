@@ -197,8 +197,11 @@ def installed(tmp_path_factory):
 
 
 def _clean_env(**extra) -> dict:
+    """The environment without this checkout's settings; JUPYTER_PATH adds this environment's
+    share/jupyter, where the reused packages keep their data files (nbconvert's templates, and
+    this checkout's latentlib kernel, which the installed pipeline must then pass over)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LATENTLIB_", "PYTHON", "VIRTUAL_ENV"))}
-    return {**env, **extra}
+    return {**env, "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter"), **extra}
 
 
 def test_the_wheel_ships_the_notebooks_and_parameters_and_a_console_script(installed):
@@ -256,6 +259,5 @@ def test_the_installed_pipeline_runs_a_notebook_in_a_project_directory(installed
     report = proj / "reports" / "tiny"
     assert (report / "00_teacher_extraction.html").exists() and (report / "index.html").exists()
     assert (proj / "runs" / "tiny" / "base" / "cot" / "COMPLETE").exists()
-    executed = json.loads((report / "00_teacher_extraction.ipynb").read_text())
-    assert executed["metadata"]["kernelspec"]["name"] == "python3"  # no latentlib kernel in that venv: the fallback
-    assert "not registered" in out.stdout
+    # the latentlib kernel it finds belongs to this checkout's venv, not the installed one: python3 instead
+    assert "the notebooks run in 'python3'" in out.stdout, out.stdout
