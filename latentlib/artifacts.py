@@ -47,13 +47,11 @@ class CorruptArtifactError(RuntimeError):
 
 
 def runs_root() -> Path:
-    env = os.environ.get("LATENTLIB_RUNS")
-    if env:
-        return Path(env)
-    top = Path(__file__).resolve().parent.parent
-    if (top / "pyproject.toml").exists():
-        return top / "runs"
-    return Path.home() / ".cache" / "latentlib" / "runs"
+    """``$LATENTLIB_RUNS``, else ``runs/`` in the project directory, else ``~/.cache/latentlib/runs``
+    (``latentlib.project`` resolves it)."""
+    from latentlib import project
+
+    return project.runs_root()
 
 
 def stage_dir(run: str, stage: str) -> Path:

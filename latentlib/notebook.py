@@ -10,7 +10,6 @@ configuration lists every parameter without the notebook naming them twice.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,44 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentlib import artifacts
+from latentlib import project
 from latentlib.presets import Preset, get_preset
+from latentlib.project import notebook_parameters, reports_dir
 from latentlib.tasks import Task, TaskConfig, load_task
 
 __all__ = ["Context", "setup", "context", "reports_dir", "notebook_path", "notebook_parameters"]
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-
-
-def reports_dir(run: str) -> Path:
-    """``reports/<run>/`` next to the runs root (``$LATENTLIB_REPORTS`` overrides)."""
-    env = os.environ.get("LATENTLIB_REPORTS")
-    root = Path(env) if env else artifacts.runs_root().parent / "reports"
-    d = root / run
-    (d / "figures").mkdir(parents=True, exist_ok=True)
-    (d / "tables").mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def notebook_path(name: str) -> Path:
     """``notebooks/<name>.ipynb`` of the project."""
-    path = NOTEBOOKS / f"{name.removesuffix('.ipynb')}.ipynb"
+    notebooks = project.notebooks_dir()
+    path = notebooks / f"{name.removesuffix('.ipynb')}.ipynb"
     if not path.is_file():
-        raise FileNotFoundError(f"no notebook {path}: name one of {sorted(p.stem for p in NOTEBOOKS.glob('*.ipynb'))}")
+        raise FileNotFoundError(f"no notebook {path}: name one of {sorted(p.stem for p in notebooks.glob('*.ipynb'))}")
     return path
-
-
-def notebook_parameters(path: Path) -> dict[str, object]:
-    """The names and default values of a notebook's ``parameters`` cell (papermill's inspection)."""
-    import ast
-
-    import papermill
-
-    inspected = papermill.inspect_notebook(str(path))
-    if not inspected:
-        raise ValueError(f"{Path(path).name} has no cell tagged 'parameters' (or it is empty); papermill cannot "
-                         "inject values into it")
-    return {name: ast.literal_eval(p["default"]) for name, p in inspected.items()}
 
 
 @dataclass

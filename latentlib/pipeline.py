@@ -10,13 +10,18 @@ run would silently use the default).
     python -m latentlib.pipeline tiny               # the whole pipeline on the embedded default
     python -m latentlib.pipeline tiny -p seed 1 --run tiny-seed1
     python -m latentlib.pipeline tiny --only 00_teacher_extraction
+    latentlib-pipeline tiny --project DIR           # installed: runs and reports under DIR
+
+Notebooks and parameter files come from the project directory (``latentlib.project``):
+the checkout, ``--project DIR``, else the copies shipped inside the package. The
+notebooks run in the Jupyter kernel ``latentlib`` (``make install`` registers it) when it
+belongs to this interpreter, else in ``python3`` (this interpreter's own kernel).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import html
 import json
 import os
 import sys
@@ -25,14 +30,16 @@ from pathlib import Path
 
 import yaml
 
-from latentlib.notebook import notebook_parameters, reports_dir
-from latentlib.presets import get_preset
+from latentlib import project  # path resolution only: no torch
+from latentlib.project import notebook_parameters
 
-__all__ = ["STAGES", "UnknownParameterError", "notebook_parameters", "resolve_parameters", "run_pipeline", "main"]
+__all__ = ["STAGES", "UnknownParameterError", "notebook_parameters", "resolve_parameters", "run_pipeline",
+           "choose_kernel", "use_project", "main"]
 
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = ROOT / "notebooks"
-PARAMS = ROOT / "params"
+ROOT = project.project_dir()  # the project directory (None: an installed package used without --project)
+NOTEBOOKS = project.notebooks_dir()
+PARAMS = project.params_dir()
+KERNEL = "latentlib"  # the Jupyter kernel the notebooks declare; `make install` registers it
 STAGES = ("00_teacher_extraction", "01_sft", "02_curriculum", "03_grpo", "04_evaluation", "05_probes")
 
 
@@ -60,6 +67,8 @@ def resolve_parameters(preset: str, overrides: dict[str, str] | None = None,
     """Per notebook, the parameters papermill will inject. Refuses unknown names, and a
     parameter file written for another preset (its ``model``). ``params_file``: default
     ``params/<preset>.yaml``."""
+    from latentlib.presets import get_preset  # here, not at the top: a refused name costs no torch import
+
     get_preset(preset)  # an unknown preset fails here, with the list of known ones
     path = Path(params_file) if params_file is not None else PARAMS / f"{preset}.yaml"
     if params_file is not None and not path.is_file():
@@ -108,51 +117,17 @@ def resolve_parameters(preset: str, overrides: dict[str, str] | None = None,
 
 
 def _render_html(executed: Path) -> Path:
-    from nbconvert import HTMLExporter
+    """The executed notebook as a self-contained HTML page beside it (``latentlib.report``)."""
+    from latentlib.report import render_html
 
-    body, _ = HTMLExporter().from_filename(str(executed))
-    out = executed.with_suffix(".html")
-    out.write_text(body)
-    return out
+    return render_html(executed)
 
 
 def _write_index(report: Path, run: str, preset: str, results: list[dict]) -> Path:
-    import pandas as pd
+    """``index.html``: the main table and headline figure on top, links to every notebook, table, figure."""
+    from latentlib.report import write_index
 
-    tables = report / "tables"
-    main = next((tables / f"{n}.csv" for n in ("main", "base") if (tables / f"{n}.csv").exists()), None)
-    parts = [f"<h1>latentlib report: run <code>{html.escape(run)}</code> (preset <code>{html.escape(preset)}</code>)</h1>"]
-    if main is not None:
-        parts.append(f"<h2>Results ({main.stem})</h2>" + pd.read_csv(main).to_html(index=False, border=0))
-    probes = tables / "probes_summary.csv"
-    if probes.exists():
-        parts.append("<h2>Probes (05_probes)</h2>"
-                     + pd.read_csv(probes).to_html(index=False, border=0, float_format=lambda v: f"{v:.3f}"))
-    rows = "".join(
-        f"<tr><td>{r['stage']}</td><td>{r['status']}</td><td>{r.get('seconds', 0):.0f}</td>"
-        + (f"<td><a href='{r['stage']}.html'>report</a></td>" if r["status"] == "ok" else "<td></td>") + "</tr>"
-        for r in results)
-    total = sum(r.get("seconds", 0) for r in results)
-    rows += f"<tr><th>total</th><th></th><th>{total:.0f} ({total / 60:.1f} min)</th><th></th></tr>"
-    parts.append("<h2>Stages</h2><table><tr><th>notebook</th><th>status</th><th>seconds</th><th></th></tr>"
-                 + rows + "</table>")
-    other = sorted(p for p in tables.glob("*.csv") if p not in (main, probes))
-    if other:
-        parts.append("<h2>Tables</h2><ul>" + "".join(f"<li><a href='tables/{p.name}'>{p.stem}</a></li>" for p in other)
-                     + "</ul>")
-    figs = sorted((report / "figures").glob("*.png"))
-    if figs:
-        parts.append("<h2>Figures</h2>" + "".join(
-            f"<figure><img src='figures/{p.name}' style='max-width:640px'><figcaption>{p.stem}</figcaption></figure>"
-            for p in figs))
-    style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right;"
-             "white-space:nowrap}td:first-child,th:first-child{text-align:left}"
-             "th{background:#f4f4f4}</style>")
-    index = report / "index.html"
-    index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>latentlib {run}</title>{style}</head>"
-                     f"<body>{''.join(parts)}</body></html>")
-    return index
+    return write_index(report, run, preset, results, project=ROOT)
 
 
 def run_pipeline(preset: str, *, run: str | None = None, overrides: dict[str, str] | None = None,
@@ -169,7 +144,7 @@ def run_pipeline(preset: str, *, run: str | None = None, overrides: dict[str, st
     overrides = dict(overrides or {})
     overrides["run"] = run
     params = resolve_parameters(preset, overrides, stages)
-    report = reports_dir(run)
+    report = project.reports_dir(run)
     results = []
     t_all = time.perf_counter()
     bar = tqdm(stages, desc=f"pipeline {run}", unit="notebook", dynamic_ncols=True)
@@ -204,19 +179,78 @@ def run_pipeline(preset: str, *, run: str | None = None, overrides: dict[str, st
     return results
 
 
+def _same_environment(executable: str) -> bool:
+    """Whether a kernel's interpreter is this one's (the same bin/ directory: the same environment)."""
+    import shutil
+
+    exe = shutil.which(executable) or executable
+    return Path(os.path.abspath(exe)).parent == Path(os.path.abspath(sys.executable)).parent
+
+
+def choose_kernel(requested: str | None = None) -> str:
+    """The kernel the notebooks run in: ``requested`` if given (it must exist), else
+    ``latentlib`` when it is registered for this interpreter, else ``python3``.
+
+    ``python3`` is jupyter_client's kernel for the interpreter that starts it, so the
+    fallback runs the notebooks in the very environment the pipeline runs in; a
+    ``latentlib`` kernel that is missing, or registered for another environment (another
+    checkout's ``.venv``), is passed over with a message rather than stopping a run."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(requested or KERNEL)
+    except NoSuchKernel:
+        if requested:
+            raise ValueError(f"no Jupyter kernel named {requested!r} (see `jupyter kernelspec list`)") from None
+        print(f"[pipeline] the Jupyter kernel {KERNEL!r} is not registered: the notebooks run in 'python3', this "
+              f"interpreter's own kernel ({sys.executable}). `make install` registers it, or: {sys.executable} -m "
+              f"ipykernel install --sys-prefix --name {KERNEL}", flush=True)
+        return "python3"
+    if requested:
+        return requested
+    if not _same_environment(spec.argv[0]):
+        print(f"[pipeline] the Jupyter kernel {KERNEL!r} runs {spec.argv[0]}, not this environment "
+              f"({sys.executable}): the notebooks run in 'python3' instead. To point it here: {sys.executable} -m "
+              f"ipykernel install --sys-prefix --name {KERNEL}", flush=True)
+        return "python3"
+    return KERNEL
+
+
+def use_project(directory: str | os.PathLike) -> Path:
+    """Makes ``directory`` the project directory of this process and of the kernels it starts."""
+    global ROOT, NOTEBOOKS, PARAMS
+    path = Path(directory).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["LATENTLIB_PROJECT"] = str(path)
+    ROOT, NOTEBOOKS, PARAMS = project.project_dir(), project.notebooks_dir(), project.params_dir()
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m latentlib.pipeline", description=__doc__.split("\n\n")[0])
+    prog = "latentlib-pipeline" if Path(sys.argv[0]).name == "latentlib-pipeline" else "python -m latentlib.pipeline"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("preset", help="model preset (params/<preset>.yaml)")
     ap.add_argument("--run", default=None, help="run name (default: the preset name)")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override one notebook parameter")
     ap.add_argument("--only", default=None, help="comma-separated stages to run (default: all)")
+    ap.add_argument("--project", default=None, metavar="DIR",
+                    help="project directory: its notebooks/ and params/ if it has them (else the ones shipped with "
+                         "the package); runs/ and reports/ are written under it (default: the checkout, or "
+                         "$LATENTLIB_PROJECT)")
+    ap.add_argument("--kernel", default=None,
+                    help=f"Jupyter kernel to run the notebooks in (default: {KERNEL!r} if registered for this "
+                         "environment, else 'python3')")
     args = ap.parse_args(argv)
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     try:
+        if args.project:
+            use_project(args.project)
+        print(f"[pipeline] {project.describe()}", flush=True)
+        kernel = choose_kernel(args.kernel)
         run_pipeline(args.preset, run=args.run, overrides=dict(args.parameter),
-                     only=tuple(args.only.split(",")) if args.only else None)
-    except (UnknownParameterError, ValueError) as e:
+                     only=tuple(args.only.split(",")) if args.only else None, kernel=kernel)
+    except (UnknownParameterError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -10,14 +10,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "latentlib"
 
 # rank of each module or package; a module may import modules of its own rank or below
 RANKS = {
-    "latentlib.tasks": 0, "latentlib.artifacts": 0, "latentlib.hub": 0, "latentlib.presets": 0,
+    "latentlib.tasks": 0, "latentlib.artifacts": 0, "latentlib.hub": 0, "latentlib.presets": 0, "latentlib.project": 0,
     "latentlib.tokens": 1, "latentlib.batching": 1, "latentlib.injection": 1, "latentlib.policies": 1,
     "latentlib.deferred_grads": 1, "latentlib.recurrence": 1,
     "latentlib.evaluate": 2, "latentlib.teacher": 2, "latentlib.probes": 2, "latentlib.plots": 2,
     "latentlib.training": 3,
     "latentlib.methods": 4,
     "latentlib.stages": 5,
-    "latentlib.notebook": 6, "latentlib.pipeline": 6, "latentlib.train": 6, "latentlib": 6,
+    "latentlib.notebook": 6, "latentlib.pipeline": 6, "latentlib.train": 6, "latentlib.report": 6,
+    "latentlib.readme": 6, "latentlib": 6,
 }
 
 

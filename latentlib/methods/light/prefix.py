@@ -205,7 +205,7 @@ def evaluate_random_prefix(model: nn.Module, tokenizer, records: Sequence, cfg: 
     for col, suffix in (("correct", ""), ("correct_flexible", "_flexible")):
         wide = df.pivot(index="problem", columns="draw", values=col).astype(bool)  # (N, 1 + draws)
         basec, draws = wide[-1], wide.drop(columns=-1)
-        per_draw = draws.mean(0)
+        per_draw = draws.mean(axis=0)
         summary.update({
             f"accuracy_baseline{suffix}": round(float(basec.mean()), 4),
             f"accuracy_prefix{suffix}": round(float(per_draw.mean()), 4),

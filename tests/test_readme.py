@@ -1,0 +1,100 @@
+"""The README's results and benchmark tables are what `make readme` renders from the
+committed numbers in docs/results/tiny.json (``latentlib.readme``), and the command turns
+a run's files into those numbers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from latentlib import readme
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "docs" / "results" / "tiny.json"
+
+
+def test_the_readme_tables_are_what_the_committed_numbers_render():
+    data = json.loads(DATA.read_text())
+    text = (ROOT / "README.md").read_text()
+    found = readme.sections(text)
+    expected = readme.render(data)
+    assert set(found) == set(readme.SECTIONS), f"README.md lacks the markers of {set(readme.SECTIONS) - set(found)}"
+    for name in readme.SECTIONS:
+        assert found[name] == expected[name], (
+            f"README.md's {name} section differs from what docs/results/tiny.json renders: the README was edited by "
+            "hand, or the numbers were not collected; run `make readme` (after a run) or "
+            "`python -m latentlib.readme --render`")
+    assert readme.update_readme(text, expected) == text
+
+
+def test_every_row_of_the_committed_main_table_is_in_the_readme():
+    data = json.loads(DATA.read_text())
+    section = readme.sections((ROOT / "README.md").read_text())["results"]
+    for row in data["results"]["main"]:
+        assert f"| {row['method']} |" in section
+
+
+def _fake_run(root: Path, run: str) -> None:
+    """A project directory with what a pipeline run and `make bench` leave behind."""
+    tables = root / "reports" / run / "tables"
+    tables.mkdir(parents=True)
+    (tables / "main.csv").write_text(
+        "method,evaluated_in,accuracy,accuracy_flexible,visible_tokens,latent_steps,ms_per_problem,n\n"
+        "CoT,00_teacher_extraction,1.0,1.0,8.0,0.0,1.5,50\n"
+        "Coconut (plain format),02_curriculum,0.964,0.97,2.0,6.0,2.5,50\n"
+        "SWITCH phase 3 | GRPO,03_grpo,0.9861,0.99,6.72,2.661,3.1,50\n")
+    (tables / "probes_summary.csv").write_text("measurement,model,value\n<swi> median rank where written,SWITCH,1.0\n"
+                                               "\"accuracy change, zero\",SWITCH,-0.878\n")
+    (root / "reports" / run / "pipeline.json").write_text(json.dumps(
+        {"total_seconds": 100.4, "stages": [{"stage": "00_teacher_extraction", "status": "ok", "seconds": 60.2},
+                                            {"stage": "04_evaluation", "status": "ok", "seconds": 40.1}]}))
+    (root / "reports" / run / "run_info.json").write_text(json.dumps(
+        {"written_at": "2026-12-01T10:00:00", "commit": "abc123", "threads": 2, "cpu_count": 2}))
+    res = root / "benchmarks" / "results"
+    res.mkdir(parents=True)
+    machine = {"threads": 2, "cpu_count": 2, "torch": "2.13.0+cpu"}
+    (res / "engine_decode.json").write_text(json.dumps({"machine": machine, "written_at": "2026-12-01T11:00:00",
+        "rows": [{"model": m, "batch": b, "latent_ratio": 0.97, "mixed_ratio": 0.96} for m in ("tiny", "smollm2-135m")
+                 for b in (1, 8, 32)]}))
+    (res / "coconut_reference.json").write_text(json.dumps({"machine": machine, "written_at": "2026-12-01T11:10:00",
+        "evaluation": {"problems": 500, "speedup": 30.44, "identical_answers": 500},
+        "training": [{"batch": 32, "loss_abs_diff": 0.0, "engine_over_reference": 0.42},
+                     {"batch": 128, "loss_abs_diff": 0.0, "engine_over_reference": 0.17}]}))
+    (root / "README.md").write_text("# x\n\n<!-- readme:results -->\nold\n<!-- /readme:results -->\n\ntext\n\n"
+                                    "<!-- readme:benchmarks -->\n<!-- /readme:benchmarks -->\n")
+
+
+def test_the_command_collects_a_run_writes_the_numbers_and_checks_the_readme(tmp_path, capsys):
+    _fake_run(tmp_path, "x")
+    assert readme.main(["--run", "x", "--project", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "docs" / "results" / "x.json").read_text())
+    assert data["results"]["commit"] == "abc123" and data["results"]["threads"] == 2
+    assert [r["method"] for r in data["results"]["main"]][2] == "SWITCH phase 3 | GRPO"
+    assert data["results"]["main"][1]["accuracy"] == 0.964 and data["results"]["total_seconds"] == 100
+    text = (tmp_path / "README.md").read_text()
+    assert "| Coconut (plain format) | 02 | 96.4% | 2 | 6 |" in text
+    assert "| SWITCH phase 3 \\| GRPO | 03 | 98.6% | 6.72 | 2.66 |" in text
+    assert "commit `abc123`, 2 threads on a 2-core machine" in text and "00 60 s, 04 40 s" in text
+    assert "| accuracy change, zero | SWITCH | -0.878 |" in text
+    assert "| K=6 latent steps + T text tokens vs `model.generate`, batch 1 / 8 / 32 | >= 0.9 | 0.97 / 0.97 / 0.97 |" in text
+    assert "30.4x, identical answers 500/500" in text and "loss diff 0, 0.42x / 0.17x the time" in text
+    assert text.startswith("# x\n") and "\ntext\n" in text
+    assert readme.main(["--check", "--run", "x", "--project", str(tmp_path)]) == 0
+    (tmp_path / "README.md").write_text(text.replace("96.4%", "97.0%"))
+    assert readme.main(["--check", "--run", "x", "--project", str(tmp_path)]) == 1
+    assert "differs" in capsys.readouterr().err
+
+
+def test_a_part_without_new_files_keeps_the_committed_numbers(tmp_path):
+    _fake_run(tmp_path, "x")
+    for p in (tmp_path / "benchmarks" / "results").iterdir():
+        p.unlink()
+    previous = {"benchmarks": {"date": "2026-11-22", "rows": [{"measurement": "m", "target": "t", "tiny": "1",
+                                                              "smollm2-135m": ""}]}}
+    data = readme.collect(tmp_path, "x", previous)
+    assert data["benchmarks"] == previous["benchmarks"] and data["results"]["commit"] == "abc123"
+
+
+def test_the_readme_markers_must_exist():
+    with pytest.raises(ValueError, match="markers"):
+        readme.update_readme("# no markers\n", {"results": "x"})
