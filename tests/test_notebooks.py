@@ -78,10 +78,11 @@ def test_nbval_reruns_give_the_same_checked_outputs(smoke_run, tmp_path):
     assert res.returncode == 0, res.stdout[-4000:]
 
 
-# The same notebooks on the real SmolLM2-135M (LoRA adapters, the chain task), budgets of a step or two.
+# The same notebooks on the real SmolLM2-135M (LoRA adapters, the chain task), budgets of a step or two; the
+# base models get enough steps to write the answer format, so that the teacher has correct rollouts.
 SMOKE_SMOLLM2 = {
-    "00_teacher_extraction": {"task": "chain", "n_train": 64, "n_test": 8, "base_steps": 2, "batch_size": 4,
-                              "lr": 1e-4, "teacher_problems": 8, "teacher_rollouts": 2, "teacher_max_tokens": 24,
+    "00_teacher_extraction": {"task": "chain", "n_train": 64, "n_test": 8, "base_steps": 40, "batch_size": 4,
+                              "lr": 2e-3, "teacher_problems": 8, "teacher_rollouts": 4, "teacher_max_tokens": 24,
                               "teacher_layers": "0,-1", "teacher_speed_problems": 1},
     "01_sft": {"task": "chain", "n_train": 64, "n_test": 8, "teacher_problems": 8, "qthink_steps": 2,
                "qthink_batch_size": 2, "switch_sft_steps": 2, "switch_batch_size": 4, "eval_batch_size": 8},

@@ -110,6 +110,10 @@ def _records(run: str, cfg: QThinkConfig, task):
         raise ValueError(f"the teacher covers {index['summary']['problems']} problems, not teacher_problems="
                          f"{cfg.teacher_problems}: use notebook 00's value")
     has_teacher = load_teacher(run, layers=[]).has_teacher  # no states needed here
+    if not has_teacher.any():
+        raise ValueError(f"no problem of the teacher has a correct rollout (0 of {len(records)}): every row trains on "
+                         "the problems with a teacher, so there is nothing to learn from; give notebook 00 a base "
+                         "model that solves some problems (more base_steps), or more teacher_rollouts")
     return records, [r for r, keep in zip(records, has_teacher.tolist()) if keep], index
 
 
