@@ -56,3 +56,34 @@ def smollm2():
 def lm(request):
     """The engine tests' model: the tiny random one always, the real 135M one in the slow run."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory):
+    """The whole pipeline once on the smoke budgets of ``test_notebooks.SMOKE``, through
+    ``run_pipeline`` as ``make pipeline`` runs it (the ``latentlib`` kernel, reports
+    rendered): ``(reports/smoke, results, tmp)``. The notebook smoke tests, the nbval re-run
+    and the report checks all read this one run."""
+    from latentlib.pipeline import choose_kernel, run_pipeline
+    from test_notebooks import SMOKE
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LATENTLIB_RUNS", str(tmp / "runs"))
+    mp.setenv("LATENTLIB_REPORTS", str(tmp / "reports"))
+    overrides = {}
+    for params in SMOKE.values():
+        for k, v in params.items():
+            assert overrides.get(k, str(v)) == str(v), f"SMOKE sets {k} differently per notebook"
+            overrides[k] = str(v)
+    try:
+        kernel = choose_kernel()
+        try:
+            results = run_pipeline("tiny", run="smoke", overrides=overrides, kernel=kernel)
+        except RuntimeError as e:  # a notebook failed ("<stage> failed: ..."): its test says so, the others run
+            results = [{"stage": str(e).split(" failed", 1)[0], "status": "failed", "error": str(e)}]
+    finally:
+        mp.undo()
+    for r in results:
+        r["kernel"] = kernel
+    return tmp / "reports" / "smoke", results, tmp

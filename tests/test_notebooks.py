@@ -1,5 +1,6 @@
-"""Papermill smoke runs of every notebook, in pipeline order, with tiny budgets (the same
-code path as `make pipeline`)."""
+"""Papermill smoke runs of every notebook, in pipeline order, with tiny budgets: one run of
+the pipeline itself (``conftest.smoke_pipeline``, the same code path as `make pipeline`),
+re-run by nbval; and the same notebooks on the real SmolLM2 (slow)."""
 
 import pytest
 
@@ -24,38 +25,21 @@ PRESENT = [s for s in STAGES if (NOTEBOOKS / f"{s}.ipynb").exists()]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """Runs the notebooks in order once; later stages read the earlier ones' artifacts."""
-    import papermill as pm
-
-    tmp = tmp_path_factory.mktemp("smoke")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LATENTLIB_RUNS", str(tmp / "runs"))
-    mp.setenv("LATENTLIB_REPORTS", str(tmp / "reports"))
-    status = {}
-    try:
-        for stage in PRESENT:
-            if stage not in SMOKE:
-                status[stage] = f"no smoke parameters for {stage}: add them to tests/test_notebooks.py"
-                continue
-            try:
-                pm.execute_notebook(str(NOTEBOOKS / f"{stage}.ipynb"), str(tmp / f"{stage}.ipynb"),
-                                    parameters={"run": "smoke", **SMOKE[stage]}, cwd=str(NOTEBOOKS),
-                                    kernel_name="python3", progress_bar=False)
-                status[stage] = "ok"
-            except pm.PapermillExecutionError as e:
-                status[stage] = f"{e.ename}: {e.evalue}"
-    finally:
-        mp.undo()
-    return tmp, status
+def smoke_run(smoke_pipeline):
+    """The executed notebooks of the one smoke pipeline run (``conftest.smoke_pipeline``) and
+    each notebook's status."""
+    report, results, _ = smoke_pipeline
+    status = {r["stage"]: r["status"] + (f": {r['error']}" if "error" in r else "") for r in results}
+    return report, status
 
 
 @pytest.mark.parametrize("stage", PRESENT)
 def test_notebook_runs_headless(stage, smoke_run):
     assert set(PRESENT) == set(STAGES), f"notebooks missing: {sorted(set(STAGES) - set(PRESENT))}"
-    tmp, status = smoke_run
-    assert status[stage] == "ok", status[stage]
-    assert (tmp / f"{stage}.ipynb").exists()
+    assert set(SMOKE) == set(STAGES), f"no smoke parameters for {sorted(set(STAGES) - set(SMOKE))}: add them here"
+    report, status = smoke_run
+    assert status.get(stage) == "ok", status
+    assert (report / f"{stage}.ipynb").exists()
 
 
 def test_nbval_reruns_give_the_same_checked_outputs(smoke_run, tmp_path):
@@ -82,10 +66,10 @@ def test_nbval_reruns_give_the_same_checked_outputs(smoke_run, tmp_path):
 # base models get enough steps to write the answer format, so that the teacher has correct rollouts.
 SMOKE_SMOLLM2 = {
     "00_teacher_extraction": {"task": "chain", "n_train": 64, "n_test": 8, "base_steps": 40, "batch_size": 4,
-                              "lr": 2e-3, "teacher_problems": 8, "teacher_rollouts": 4, "teacher_max_tokens": 24,
+                              "lr": 2e-3, "teacher_problems": 12, "teacher_rollouts": 4, "teacher_max_tokens": 24,
                               "teacher_layers": "0,-1", "teacher_speed_problems": 1},
-    "01_sft": {"task": "chain", "n_train": 64, "n_test": 8, "teacher_problems": 8, "qthink_steps": 2,
-               "qthink_batch_size": 2, "switch_sft_steps": 2, "switch_batch_size": 4, "eval_batch_size": 8},
+    "01_sft": {"task": "chain", "n_train": 64, "n_test": 8, "teacher_problems": 12, "qthink_steps": 2,
+               "qthink_batch_size": 1, "switch_sft_steps": 2, "switch_batch_size": 4, "eval_batch_size": 8},
     "02_curriculum": {"task": "chain", "n_train": 64, "n_test": 8, "steps_per_stage": 1, "final_stage_steps": 1,
                       "bracketed_steps": 1, "batch_size": 4, "lr": 1e-4, "second_c": 0,
                       "switch_steps_per_stage": 1, "switch_final_steps": 1, "switch_batch_size": 4},

@@ -22,8 +22,7 @@ from urllib.parse import urljoin
 import pytest
 
 from latentlib import readme
-from latentlib.pipeline import STAGES, choose_kernel, run_pipeline
-from test_notebooks import SMOKE
+from latentlib.pipeline import STAGES
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -64,25 +63,9 @@ def _require_browser():
 
 
 @pytest.fixture(scope="module")
-def smoke_report(tmp_path_factory):
-    """The whole pipeline on smoke budgets, through run_pipeline (as `make pipeline`)."""
-    tmp = tmp_path_factory.mktemp("reports")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LATENTLIB_RUNS", str(tmp / "runs"))
-    mp.setenv("LATENTLIB_REPORTS", str(tmp / "reports"))
-    overrides = {}
-    for params in SMOKE.values():
-        for k, v in params.items():
-            assert overrides.get(k, str(v)) == str(v), f"SMOKE sets {k} differently per notebook"
-            overrides[k] = str(v)
-    try:
-        kernel = choose_kernel()
-        results = run_pipeline("tiny", run="smoke", overrides=overrides, kernel=kernel)
-    finally:
-        mp.undo()
-    for r in results:
-        r["kernel"] = kernel
-    return tmp / "reports" / "smoke", results, tmp
+def smoke_report(smoke_pipeline):
+    """The smoke pipeline run of ``conftest.smoke_pipeline``."""
+    return smoke_pipeline
 
 
 def _text(page_html: str, outputs_only: bool = True) -> str:

@@ -412,3 +412,35 @@ def test_phase_inputs_are_found_by_run_name(tmp_path, monkeypatch):
         stages.switch_phase2("r", stages.Phase2Config(task=task))
     with pytest.raises(MissingArtifactError, match="00_teacher_extraction.ipynb"):
         stages.load_base("r", get_preset("tiny"))
+
+
+@pytest.mark.slow
+def test_a_smollm2_switch_adapter_loads_with_the_cards_quick_start(tmp_path, smollm2):
+    """The SWITCH card's quick-start, step by step, on an adapter trained here: the tokenizer
+    from the adapter directory, the pretrained base resized to it, PeftModel.from_pretrained;
+    then the engine's SWITCH inference gives the outputs it gave before saving."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from latentlib.presets import get_preset, load_model
+
+    model, tok, _ = smollm2
+    records = _records(8)
+    spans = [[Span(0, 1, False), Span(1, 2, True), Span(2, 3, False)]] * len(records)
+    peft_model = sw.make_trainable(model, tok, get_preset("smollm2-135m"))
+    sw.train_phase1(peft_model, tok, records, spans, TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=0),
+                    sw.SwitchConfig(), Format("\n"), progress=False)
+    peft_model.eval()
+    cfg = sw.SwitchConfig(k_min=2, k_max=3, max_new_tokens=12)
+    before = sw.evaluate_switch(peft_model, tok, records, cfg, Format("\n"), batch_size=8)
+    adapter = tmp_path / "switch_phase3"
+    sw.save_switch_model(peft_model, tok, adapter, {"kind": "test", "seed": 0})
+    # the card's quick-start, with the offline base in place of from_pretrained("Qwen/Qwen3-8B")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    base, _ = load_model("smollm2-135m")
+    base.resize_token_embeddings(len(tokenizer))
+    loaded = PeftModel.from_pretrained(base, adapter).eval()
+    tokenizer.padding_side = "left"
+    after = sw.evaluate_switch(loaded, tokenizer, records, cfg, Format("\n"), batch_size=8)
+    assert after.prediction.tolist() == before.prediction.tolist()
+    assert after.latent_steps.tolist() == before.latent_steps.tolist()
