@@ -165,8 +165,8 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             with route:
                 out = (decoder if decoder is not None else model)(
                     inputs_embeds=chunk, attention_mask=chunk_mask, position_ids=position_ids[:, start:end],
-                    past_key_values=cache, use_cache=True, output_hidden_states=True)
-            states, cache = out.hidden_states, out.past_key_values
+                    cache=cache, use_cache=True, output_hidden_states=True)
+            states, cache = out.hidden_states, out.cache
             if decoder is None:
                 logits.append(out.logits)
             # else the LM head runs once on every position after the loop
@@ -218,9 +218,9 @@ def _checkpointed_chunk(model, chunk, mask, pos, cache):
     def run(chunk, *flat):
         pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
         c = DynamicCache(ddp_cache_data=pairs) if pairs else DynamicCache()
-        out = model(inputs_embeds=chunk, attention_mask=mask, position_ids=pos, past_key_values=c,
+        out = model(inputs_embeds=chunk, attention_mask=mask, position_ids=pos, cache=c,
                     use_cache=True, output_hidden_states=True)
-        kv = tuple(t for k, v, *_ in out.past_key_values for t in (k, v))
+        kv = tuple(t for k, v, *_ in out.cache for t in (k, v))
         return (out.logits, *out.hidden_states, *kv)
 
     flat = tuple(t for kv in past for t in kv)
@@ -341,7 +341,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     out = model(input_ids=None if inputs_embeds is not None else input_ids,
                 inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos,
                 use_cache=True, output_hidden_states=True)
-    cache = out.past_key_values
+    cache = out.cache
     logits = out.logits[:, -1]  # (B, V)
     states = tuple(h[:, -1] for h in out.hidden_states)
     prompt_hidden = {k: states[k] for k in capture_layers}
@@ -358,8 +358,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         nonlocal mask, cache, logits, states, next_pos
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(inputs_embeds=step_in[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True, output_hidden_states=True)
-        cache = out.past_key_values
+                    cache=cache, use_cache=True, output_hidden_states=True)
+        cache = out.cache
         logits = out.logits[:, -1]
         states = tuple(h[:, -1] for h in out.hidden_states)
         for k in capture_layers:

@@ -1,5 +1,8 @@
 """Engine equivalences on a seeded tiny random model (no network)."""
 
+import logging
+import warnings
+
 import pytest
 import torch
 
@@ -247,3 +250,47 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(lm):
     assert len(grads[0][1]) == len(grads[1][1]) > 0
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+class _TransformersLog(logging.Handler):
+    """Collects what transformers logs (its deprecation notices for old attribute names
+    are log records, not Python warnings)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_engine_calls_raise_no_deprecation_warning(lm):
+    """The engine uses transformers' current names (``cache=``, ``out.cache``; renamed from
+    ``past_key_values`` in 5.24, which stops accepting the old one in 5.40): a deprecation
+    warning from any of its paths fails here instead of turning into a silent no-cache run
+    after an upgrade."""
+    model, tok, ids = lm
+    input_ids, mask, latent = batch_with_thoughts(tok, ids)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    log = _TransformersLog()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(log)
+    once = getattr(logging.Logger.warning_once, "cache_clear", None)  # transformers logs each notice once
+    if once is not None:
+        once()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            warnings.simplefilter("error", FutureWarning)
+            for kw in ({}, {"checkpoint": True}, {"injector": make_injector("hs[-2]"), "capture_layers": (1,)}):
+                model.zero_grad()
+                latent_forward(model, input_ids, mask, latent, **kw).logits[:, -1].logsumexp(-1).sum().backward()
+            model.zero_grad()
+            for kw in ({}, {"injector": make_injector("suppressed[0.5:]"), "capture_layers": (1, -1)}):
+                generate(model, enc.input_ids, enc.attention_mask,
+                         policy=ScriptedPolicy([ids["<bot>"], LATENT, LATENT, ids["<eot>"]]), max_new_tokens=6,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         latent_token_id=ids["<latent>"], **kw)
+    finally:
+        transformers_logger.removeHandler(log)
+    assert not [m for m in log.messages if "deprecat" in m.lower()], log.messages
