@@ -135,6 +135,8 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     # chunk: on SmolLM2-135M, with its 49k vocabulary, a 6-thought step went from 1.56x to
     # 1.46x a CoT step).
     decoder = _plain_decoder(model) if latent_cols else None
+    # every layer's hidden states only when the injector or a capture reads one before the last
+    all_layers = _reads_all_layers(injector, capture_layers)
     deferred = None
     if defer_weight_grads and latent_cols and torch.is_grad_enabled() and not checkpoint:
         # only weights worth it for a one-column pass of this batch (else no routing at all)
@@ -157,7 +159,7 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         chunk_mask = attention_mask[:, :end]
         if checkpoint and torch.is_grad_enabled():
             chunk_logits, states, cache = _checkpointed_chunk(model, chunk, chunk_mask,
-                                                              position_ids[:, start:end], cache)
+                                                              position_ids[:, start:end], cache, all_layers)
             logits.append(chunk_logits)
         else:
             # every chunk routes its weight gradients to one product per weight (see deferred_grads)
@@ -165,15 +167,18 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             with route:
                 out = (decoder if decoder is not None else model)(
                     inputs_embeds=chunk, attention_mask=chunk_mask, position_ids=position_ids[:, start:end],
-                    cache=cache, use_cache=True, output_hidden_states=True)
-            states, cache = out.hidden_states, out.cache
-            if decoder is None:
+                    cache=cache, use_cache=True, output_hidden_states=all_layers or decoder is None)
+            cache = out.cache
+            if decoder is None:  # the whole model: its last hidden state comes with the others
+                states = out.hidden_states if all_layers else out.hidden_states[-1:]
                 logits.append(out.logits)
+            else:
+                states = out.hidden_states if all_layers else (out.last_hidden_state,)
             # else the LM head runs once on every position after the loop
         hidden.append(states[-1])
         for k in capture_layers:
             layers[k].append(states[k])
-        prev_states = tuple(h[:, -1] for h in states)
+        prev_states = tuple(h[:, -1] for h in states)  # (last,) unless all_layers
     hidden_all = torch.cat(hidden, 1)
     logits_all = torch.cat(logits, 1) if logits else model.get_output_embeddings()(hidden_all)
     # the injected vectors at their columns, zeros elsewhere (built once: one op, not one per chunk)
@@ -184,6 +189,17 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         logits=logits_all, hidden=hidden_all, thoughts=all_thoughts,
         layers={k: torch.cat(v, 1) for k, v in layers.items()},
     )
+
+
+def _reads_all_layers(injector, capture_layers) -> bool:
+    """Whether a forward must collect every layer's hidden states: when the injector
+    (see :meth:`Injector.reads_layers`; an injector that does not say reads any) or a
+    capture needs one other than the last. Otherwise the engine works with the last
+    layer only and hands the injector the 1-tuple ``(last,)``: the same tensor it would
+    have read at ``[-1]``, without the per-layer collection."""
+    reads = getattr(injector, "reads_layers", None)
+    wanted = reads() if callable(reads) else None
+    return wanted is None or any(k != -1 for k in (*wanted, *capture_layers))
 
 
 def _plain_decoder(model):
@@ -207,9 +223,10 @@ def _scatter_columns(base: torch.Tensor, cols: list[int], values: torch.Tensor) 
     return base.scatter(1, index, values)
 
 
-def _checkpointed_chunk(model, chunk, mask, pos, cache):
+def _checkpointed_chunk(model, chunk, mask, pos, cache, all_layers=True):
     """One chunk under ``torch.utils.checkpoint``. The cache goes in and out as plain K/V
-    tensors and is rebuilt inside, so the backward's replay cannot append to it twice."""
+    tensors and is rebuilt inside, so the backward's replay cannot append to it twice.
+    Returns every layer's hidden states, or with ``all_layers=False`` the last one only."""
     from torch.utils.checkpoint import checkpoint
     from transformers import DynamicCache
 
@@ -221,7 +238,8 @@ def _checkpointed_chunk(model, chunk, mask, pos, cache):
         out = model(inputs_embeds=chunk, attention_mask=mask, position_ids=pos, cache=c,
                     use_cache=True, output_hidden_states=True)
         kv = tuple(t for k, v, *_ in out.cache for t in (k, v))
-        return (out.logits, *out.hidden_states, *kv)
+        states = out.hidden_states if all_layers else out.hidden_states[-1:]
+        return (out.logits, *states, *kv)
 
     flat = tuple(t for kv in past for t in kv)
     res = checkpoint(run, chunk, *flat, use_reentrant=False)
@@ -295,6 +313,43 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     return order.gather(-1, idx).squeeze(-1)
 
 
+class _LastPosition:
+    """One cached forward of generation, returning what the loop reads: the logits
+    ``(B, V)`` and hidden states (a tuple of ``(B, D)``: every layer's, or ``(last,)``
+    unless ``all_layers``) of the last position, and the cache.
+
+    As ``model.generate`` does, the LM head runs on the last position only (the prompt
+    pass would otherwise compute ``B x T x V`` logits to read ``B x V``): the decoder
+    stack, then the head on its last hidden state, when the logits are exactly that
+    (:func:`_plain_decoder`), else the whole model with ``logits_to_keep=1``. Every
+    layer's hidden states are collected only when asked for.
+    """
+
+    def __init__(self, model: nn.Module, all_layers: bool):
+        self.model, self.all_layers = model, all_layers
+        self.decoder = _plain_decoder(model)
+        self.head = model.get_output_embeddings() if self.decoder is not None else None
+        self.keep = {"logits_to_keep": 1} if self.decoder is None and _accepts(model, "logits_to_keep") else {}
+
+    def __call__(self, **inputs):
+        if self.decoder is not None:
+            out = self.decoder(**inputs, use_cache=True, output_hidden_states=self.all_layers)
+            last = out.last_hidden_state[:, -1]
+            states = tuple(h[:, -1] for h in out.hidden_states) if self.all_layers else (last,)
+            return self.head(last), states, out.cache
+        out = self.model(**inputs, use_cache=True, output_hidden_states=True, **self.keep)
+        hidden = out.hidden_states if self.all_layers else out.hidden_states[-1:]
+        return out.logits[:, -1], tuple(h[:, -1] for h in hidden), out.cache
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the (base) model's forward takes the keyword ``name``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(base.forward).parameters
+
+
 def _entropy_and_logprob(logits, tokens, temperature):
     logp1 = torch.log_softmax(logits.float(), -1)
     entropy = -(logp1.exp() * logp1).sum(-1)
@@ -335,15 +390,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     placeholder = latent_token_id if latent_token_id is not None else pad_token_id
     embed = model.get_input_embeddings()
+    forward = _LastPosition(model, all_layers=_reads_all_layers(injector, capture_layers))
 
     mask = attention_mask.long()
     pos = position_ids_for(mask)
-    out = model(input_ids=None if inputs_embeds is not None else input_ids,
-                inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos,
-                use_cache=True, output_hidden_states=True)
-    cache = out.cache
-    logits = out.logits[:, -1]  # (B, V)
-    states = tuple(h[:, -1] for h in out.hidden_states)
+    logits, states, cache = forward(input_ids=None if inputs_embeds is not None else input_ids,
+                                    inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos)
     prompt_hidden = {k: states[k] for k in capture_layers}
     next_pos = pos[:, -1] + 1  # (B,)
 
@@ -357,11 +409,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     def advance(step_in, latent, token):
         nonlocal mask, cache, logits, states, next_pos
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(inputs_embeds=step_in[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    cache=cache, use_cache=True, output_hidden_states=True)
-        cache = out.cache
-        logits = out.logits[:, -1]
-        states = tuple(h[:, -1] for h in out.hidden_states)
+        logits, states, cache = forward(inputs_embeds=step_in[:, None], attention_mask=mask,
+                                        position_ids=next_pos[:, None], cache=cache)
         for k in capture_layers:
             rec_hidden[k].append(states[k])
         # "skip" positions: a thought (or a neutral token) does not advance the counter for what follows it.
