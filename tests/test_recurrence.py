@@ -344,6 +344,52 @@ def test_whole_model_fallback_equals_decoder_path(lm, spec, monkeypatch):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_reserved_cache_layer_holds_what_the_growing_one_holds():
+    """Generation's cache writes each step into room reserved after the prompt instead of
+    concatenating; it must hold what transformers' DynamicLayer holds after the same
+    updates, a crop, and when the room runs out (it then concatenates)."""
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [(torch.randn(2, 3, t, 4, generator=g), torch.randn(2, 3, t, 4, generator=g)) for t in (5, 1, 1, 2, 1, 3)]
+    plain = DynamicLayer()
+    plain.update(*chunks[0])
+    reserved = recurrence._ReservedLayer(plain, capacity=9)
+    plain = DynamicLayer()
+    plain.update(*chunks[0])
+    for i, (k, v) in enumerate(chunks[1:]):
+        if i == 3:
+            plain.crop(-2)
+            reserved.crop(-2)
+        a, b = plain.update(k, v), reserved.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert plain.get_seq_length() == reserved.get_seq_length()
+    assert reserved.get_seq_length() == 11 > 9  # the last update did not fit and was concatenated
+
+
+def test_reserved_cache_gives_the_same_trace(lm, monkeypatch):
+    model, tok, ids = lm
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(policy=ScriptedPolicy([ids["<bot>"], LATENT, LATENT, ids["<eot>"]]), max_new_tokens=8,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, latent_token_id=ids["<latent>"],
+              capture_layers=(-1,))
+    swapped = []
+    reserve = recurrence._reserve
+
+    def counted(cache, capacity):
+        cache = reserve(cache, capacity)
+        swapped.append(sum(isinstance(layer, recurrence._ReservedLayer) for layer in cache.layers))
+        return cache
+
+    monkeypatch.setattr(recurrence, "_reserve", counted)
+    a = _trace_fields(generate(model, enc.input_ids, enc.attention_mask, **kw))
+    assert swapped == [model.config.num_hidden_layers]
+    monkeypatch.setattr(recurrence, "_reserve", lambda cache, capacity: cache)
+    b = _trace_fields(generate(model, enc.input_ids, enc.attention_mask, **kw))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 class _TransformersLog(logging.Handler):
     """Collects what transformers logs (its deprecation notices for old attribute names
     are log records, not Python warnings)."""
