@@ -9,7 +9,7 @@ import torch
 from latentlib.injection import INJECTION_SPECS, Injector, NormMatched, make_injector
 from latentlib.policies import LATENT, ScriptedPolicy, SwitchPolicy, TextPolicy
 from latentlib import recurrence
-from latentlib.recurrence import generate, latent_forward, position_ids_for
+from latentlib.recurrence import generate, latent_forward, position_ids_for, sample_tokens
 
 PROMPTS = ["3 +1 *7 =", "1 +2 =", "a b c 4 5 6 7"]
 
@@ -344,6 +344,18 @@ def test_whole_model_fallback_equals_decoder_path(lm, spec, monkeypatch):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_greedy_picks_what_argmax_picks():
+    """Greedy sampling takes ``max(-1).indices`` (faster than ``argmax`` on CPU): the same
+    first maximal index, with ties and NaN."""
+    x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    x[0, [3, 7]] = 9.0  # a tie
+    x[1, 5] = float("nan")
+    x[2, [2, 8]] = float("nan")
+    x[3] = 1.0  # all equal
+    assert torch.equal(sample_tokens(x, 0.0, 1.0, None), x.argmax(-1))
+    assert sample_tokens(x, 0.0, 1.0, None).tolist() == [3, 5, 2, 0]
+
+
 def test_reserved_cache_layer_holds_what_the_growing_one_holds():
     """Generation's cache writes each step into room reserved after the prompt instead of
     concatenating; it must hold what transformers' DynamicLayer holds after the same
@@ -373,6 +385,7 @@ def test_reserved_cache_gives_the_same_trace(lm, monkeypatch):
     kw = dict(policy=ScriptedPolicy([ids["<bot>"], LATENT, LATENT, ids["<eot>"]]), max_new_tokens=8,
               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, latent_token_id=ids["<latent>"],
               capture_layers=(-1,))
+    monkeypatch.setattr(recurrence, "MIN_RESERVED_NUMEL", 0)  # the tiny model's cache is below it
     swapped = []
     reserve = recurrence._reserve
 
