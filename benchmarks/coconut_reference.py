@@ -126,13 +126,13 @@ def reference_forward(model, input_ids, attention_mask, labels, latent_id):
             if extra > 0:
                 cache.crop(-extra)
             out = model(inputs_embeds=embeds[:, rng[0]:rng[1]], attention_mask=attention_mask[:, :rng[1]],
-                        position_ids=pos[:, rng[0]:rng[1]], past_key_values=cache, output_hidden_states=True,
+                        position_ids=pos[:, rng[0]:rng[1]], cache=cache, output_hidden_states=True,
                         use_cache=True)
             offset = rng[0]
         all_logits.append(out.logits)
         rng = (rng[1], T if p + 1 >= n_max else rng[1] + 1)
         hidden = out.hidden_states[-1]
-        cache = out.past_key_values
+        cache = out.cache
         # The published way: a Python list per element, the thought dropped in, restacked.
         rows = [[embeds[b, t, :] for t in range(T)] for b in range(B)]
         for b, slots in enumerate(lists):
@@ -141,7 +141,7 @@ def reference_forward(model, input_ids, attention_mask, labels, latent_id):
                 rows[b][t] = hidden[b, t - 1 - offset, :]
         embeds = torch.stack([torch.stack(rows[b]) for b in range(B)])
     out = model(inputs_embeds=embeds[:, rng[0]:rng[1]], attention_mask=attention_mask[:, :rng[1]],
-                position_ids=pos[:, rng[0]:rng[1]], past_key_values=cache, use_cache=True)
+                position_ids=pos[:, rng[0]:rng[1]], cache=cache, use_cache=True)
     all_logits.append(out.logits)
     return token_loss(torch.cat(all_logits, 1), labels)
 

@@ -51,9 +51,10 @@ def generate_floor(model, input_ids, mask, n_tokens, pad):
     cfg.eos_token_id = None
     cfg.do_sample = False
     cfg.pad_token_id = pad
+    # in the config, not as arguments beside it (which transformers deprecates)
+    cfg.max_new_tokens = cfg.min_new_tokens = n_tokens
     with torch.no_grad():
-        return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
-                              max_new_tokens=n_tokens, min_new_tokens=n_tokens)
+        return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
 
 
 def engine_run(model, input_ids, mask, policy, n_steps, pad, latent_id):

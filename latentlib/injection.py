@@ -57,12 +57,21 @@ def embedding_rms(model: nn.Module) -> float:
 
 
 class Injector(nn.Module):
-    """Base class: ``forward(hidden_states) -> (B, D)`` from a tuple of ``(B, D)`` layers."""
+    """Base class: ``forward(hidden_states) -> (B, D)`` from a tuple of ``(B, D)`` layers.
+
+    ``reads_layers()`` says which ``hidden_states`` indices ``forward`` reads: ``None``
+    (the default, always safe) means any of them. An injector that reads only ``(-1,)``,
+    the last layer, lets the engine skip collecting every layer's hidden states; it then
+    receives the 1-tuple ``(last,)``.
+    """
 
     spec: str = "?"
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def reads_layers(self) -> tuple[int, ...] | None:
+        return None
 
     def extra_repr(self) -> str:
         return self.spec
@@ -81,6 +90,9 @@ class HiddenLayer(Injector):
             raise ValueError(f"{self.spec}: the model has {len(hidden_states)} hidden states (embeddings + "
                              f"{len(hidden_states) - 1} layers); choose a layer index inside that range")
         return hidden_states[self.layer]
+
+    def reads_layers(self):
+        return (self.layer,)
 
 
 class Suppressed(Injector):
@@ -134,6 +146,9 @@ class Projection(Injector):
         x = hidden_states[self.layer]
         return self.head(x.to(self.head.mlp[0].weight.dtype)).to(x.dtype)
 
+    def reads_layers(self):
+        return (self.layer,)
+
 
 class NormMatched(Injector):
     """Rescales another injector's output so each vector has RMS ``target_rms``."""
@@ -148,6 +163,9 @@ class NormMatched(Injector):
         x = self.inner(hidden_states)
         rms = x.float().square().mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
         return (x * (self.target_rms / rms)).to(x.dtype)
+
+    def reads_layers(self):
+        return self.inner.reads_layers()
 
 
 _HS = re.compile(r"^hs\[(-?\d+)\]$")

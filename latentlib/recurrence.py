@@ -23,7 +23,11 @@ Before each step a *policy* (see :mod:`latentlib.policies`) looks at each sequen
 sampled token and says, per sequence, whether the next input is that token, a forced
 token, or a latent step. Fixed-K thoughts (Coconut, QThink), SWITCH's dynamic blocks,
 pause tokens and plain decoding are all policies over this one loop; the engine has no
-method-specific branch.
+method-specific branch. As in ``model.generate``, the LM head runs on the last position
+only; unlike it, a large KV cache is written in place into room reserved after the prompt
+pass instead of being concatenated every step. Every layer's hidden states are collected
+only when the injector or a capture reads one other than the last
+(:meth:`~latentlib.injection.Injector.reads_layers`).
 
 Conventions: ``attention_mask`` is 1 on real positions (left padding is 0); positions
 follow ``model.generate`` (cumulative sum of the mask, minus one). Latent positions can
@@ -39,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from latentlib.deferred_grads import DeferredWeightGrads
 from latentlib.injection import HiddenLayer, Injector
@@ -135,6 +140,8 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     # chunk: on SmolLM2-135M, with its 49k vocabulary, a 6-thought step went from 1.56x to
     # 1.46x a CoT step).
     decoder = _plain_decoder(model) if latent_cols else None
+    # every layer's hidden states only when the injector or a capture reads one before the last
+    all_layers = _reads_all_layers(injector, capture_layers)
     deferred = None
     if defer_weight_grads and latent_cols and torch.is_grad_enabled() and not checkpoint:
         # only weights worth it for a one-column pass of this batch (else no routing at all)
@@ -157,7 +164,7 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         chunk_mask = attention_mask[:, :end]
         if checkpoint and torch.is_grad_enabled():
             chunk_logits, states, cache = _checkpointed_chunk(model, chunk, chunk_mask,
-                                                              position_ids[:, start:end], cache)
+                                                              position_ids[:, start:end], cache, all_layers)
             logits.append(chunk_logits)
         else:
             # every chunk routes its weight gradients to one product per weight (see deferred_grads)
@@ -165,15 +172,18 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             with route:
                 out = (decoder if decoder is not None else model)(
                     inputs_embeds=chunk, attention_mask=chunk_mask, position_ids=position_ids[:, start:end],
-                    past_key_values=cache, use_cache=True, output_hidden_states=True)
-            states, cache = out.hidden_states, out.past_key_values
-            if decoder is None:
+                    cache=cache, use_cache=True, output_hidden_states=all_layers or decoder is None)
+            cache = out.cache
+            if decoder is None:  # the whole model: its last hidden state comes with the others
+                states = out.hidden_states if all_layers else out.hidden_states[-1:]
                 logits.append(out.logits)
+            else:
+                states = out.hidden_states if all_layers else (out.last_hidden_state,)
             # else the LM head runs once on every position after the loop
         hidden.append(states[-1])
         for k in capture_layers:
             layers[k].append(states[k])
-        prev_states = tuple(h[:, -1] for h in states)
+        prev_states = tuple(h[:, -1] for h in states)  # (last,) unless all_layers
     hidden_all = torch.cat(hidden, 1)
     logits_all = torch.cat(logits, 1) if logits else model.get_output_embeddings()(hidden_all)
     # the injected vectors at their columns, zeros elsewhere (built once: one op, not one per chunk)
@@ -184,6 +194,17 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         logits=logits_all, hidden=hidden_all, thoughts=all_thoughts,
         layers={k: torch.cat(v, 1) for k, v in layers.items()},
     )
+
+
+def _reads_all_layers(injector, capture_layers) -> bool:
+    """Whether a forward must collect every layer's hidden states: when the injector
+    (see :meth:`Injector.reads_layers`; an injector that does not say reads any) or a
+    capture needs one other than the last. Otherwise the engine works with the last
+    layer only and hands the injector the 1-tuple ``(last,)``: the same tensor it would
+    have read at ``[-1]``, without the per-layer collection."""
+    reads = getattr(injector, "reads_layers", None)
+    wanted = reads() if callable(reads) else None
+    return wanted is None or any(k != -1 for k in (*wanted, *capture_layers))
 
 
 def _plain_decoder(model):
@@ -207,9 +228,10 @@ def _scatter_columns(base: torch.Tensor, cols: list[int], values: torch.Tensor) 
     return base.scatter(1, index, values)
 
 
-def _checkpointed_chunk(model, chunk, mask, pos, cache):
+def _checkpointed_chunk(model, chunk, mask, pos, cache, all_layers=True):
     """One chunk under ``torch.utils.checkpoint``. The cache goes in and out as plain K/V
-    tensors and is rebuilt inside, so the backward's replay cannot append to it twice."""
+    tensors and is rebuilt inside, so the backward's replay cannot append to it twice.
+    Returns every layer's hidden states, or with ``all_layers=False`` the last one only."""
     from torch.utils.checkpoint import checkpoint
     from transformers import DynamicCache
 
@@ -218,10 +240,11 @@ def _checkpointed_chunk(model, chunk, mask, pos, cache):
     def run(chunk, *flat):
         pairs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
         c = DynamicCache(ddp_cache_data=pairs) if pairs else DynamicCache()
-        out = model(inputs_embeds=chunk, attention_mask=mask, position_ids=pos, past_key_values=c,
+        out = model(inputs_embeds=chunk, attention_mask=mask, position_ids=pos, cache=c,
                     use_cache=True, output_hidden_states=True)
-        kv = tuple(t for k, v, *_ in out.past_key_values for t in (k, v))
-        return (out.logits, *out.hidden_states, *kv)
+        kv = tuple(t for k, v, *_ in out.cache for t in (k, v))
+        states = out.hidden_states if all_layers else out.hidden_states[-1:]
+        return (out.logits, *states, *kv)
 
     flat = tuple(t for kv in past for t in kv)
     res = checkpoint(run, chunk, *flat, use_reentrant=False)
@@ -279,7 +302,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     does not depend on which other sequences share the batch.
     """
     if temperature == 0:
-        return logits.argmax(-1)
+        # the index of the first maximum, as argmax gives it, in a third of argmax's time on CPU
+        return logits.max(-1).indices
     probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
     sorted_p, order = probs.sort(-1, descending=True)
     if top_p < 1.0:
@@ -295,9 +319,104 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     return order.gather(-1, idx).squeeze(-1)
 
 
+class _LastPosition:
+    """One cached forward of generation, returning what the loop reads: the logits
+    ``(B, V)`` and hidden states (a tuple of ``(B, D)``: every layer's, or ``(last,)``
+    unless ``all_layers``) of the last position, and the cache.
+
+    As ``model.generate`` does, the LM head runs on the last position only (the prompt
+    pass would otherwise compute ``B x T x V`` logits to read ``B x V``): the decoder
+    stack, then the head on its last hidden state, when the logits are exactly that
+    (:func:`_plain_decoder`), else the whole model with ``logits_to_keep=1``. Every
+    layer's hidden states are collected only when asked for.
+    """
+
+    def __init__(self, model: nn.Module, all_layers: bool):
+        self.model, self.all_layers = model, all_layers
+        self.decoder = _plain_decoder(model)
+        self.head = model.get_output_embeddings() if self.decoder is not None else None
+        self.keep = {"logits_to_keep": 1} if self.decoder is None and _accepts(model, "logits_to_keep") else {}
+
+    def __call__(self, **inputs):
+        if self.decoder is not None:
+            out = self.decoder(**inputs, use_cache=True, output_hidden_states=self.all_layers)
+            last = out.last_hidden_state[:, -1]
+            states = tuple(h[:, -1] for h in out.hidden_states) if self.all_layers else (last,)
+            return self.head(last), states, out.cache
+        out = self.model(**inputs, use_cache=True, output_hidden_states=True, **self.keep)
+        hidden = out.hidden_states if self.all_layers else out.hidden_states[-1:]
+        return out.logits[:, -1], tuple(h[:, -1] for h in hidden), out.cache
+
+
+class _ReservedLayer(DynamicLayer):
+    """transformers' growing cache layer with room reserved for ``capacity`` positions.
+
+    ``DynamicLayer`` appends each step's keys and values with ``torch.cat``: a copy of the
+    whole layer's cache per step and layer (on SmolLM2-135M at batch 32, about 90 MB per
+    decoding step). This one writes the new positions into a buffer reserved once, and
+    ``keys``/``values`` are views of its filled part, so attention reads the same numbers.
+    If something replaced the views (a crop keeps them; a batch reorder does not) or the
+    room runs out, it falls back to concatenation.
+    """
+
+    def __init__(self, layer: DynamicLayer, capacity: int):
+        super().__init__()
+        keys, values = layer.keys, layer.values
+        n = keys.shape[-2]
+        self.device, self.is_initialized = keys.device, True
+        self._keys = keys.new_empty((*keys.shape[:-2], max(capacity, n), keys.shape[-1]))
+        self._values = values.new_empty((*values.shape[:-2], max(capacity, n), values.shape[-1]))
+        self._keys.narrow(-2, 0, n).copy_(keys)
+        self._values.narrow(-2, 0, n).copy_(values)
+        self.keys, self.values = self._keys.narrow(-2, 0, n), self._values.narrow(-2, 0, n)
+
+    def _in_buffer(self, x: torch.Tensor, buffer: torch.Tensor) -> bool:
+        """``x`` is a prefix of ``buffer`` along the positions (as :meth:`update` and a crop leave it)."""
+        return x._base is buffer and x.storage_offset() == 0 and x.stride() == buffer.stride()
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n, t = self.keys.shape[-2], key_states.shape[-2]
+        if (n + t > self._keys.shape[-2] or not self._in_buffer(self.keys, self._keys)
+                or not self._in_buffer(self.values, self._values)):
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._keys.narrow(-2, n, t).copy_(key_states)
+        self._values.narrow(-2, n, t).copy_(value_states)
+        self.keys, self.values = self._keys.narrow(-2, 0, n + t), self._values.narrow(-2, 0, n + t)
+        return self.keys, self.values
+
+
+# Measured, not derived (one thread): concatenating a (1, 3, 60, 64) layer cache (SmolLM2 at
+# batch 1) takes about as long as the in-place write and its checks, a (32, 3, 60, 64) one 6 to
+# 20 times longer. Below this many elements per layer tensor the reserved room does not pay.
+MIN_RESERVED_NUMEL = 65_536
+
+
+def _reserve(cache, capacity: int):
+    """Swaps the cache's plain ``DynamicLayer`` layers (filled, 4-d, at least
+    :data:`MIN_RESERVED_NUMEL` elements at ``capacity`` positions) for :class:`_ReservedLayer`
+    with room for ``capacity`` positions; any other kind of cache or layer stays as it is."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or getattr(cache, "offloading", False):
+        return cache
+    for i, layer in enumerate(layers):
+        if (type(layer) is DynamicLayer and layer.is_initialized and isinstance(layer.keys, torch.Tensor)
+                and layer.keys.dim() == 4 and layer.keys.numel() > 0
+                and layer.keys.numel() // layer.keys.shape[-2] * capacity >= MIN_RESERVED_NUMEL):
+            layers[i] = _ReservedLayer(layer, capacity)
+    return cache
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the (base) model's forward takes the keyword ``name``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(base.forward).parameters
+
+
 def _entropy_and_logprob(logits, tokens, temperature):
     logp1 = torch.log_softmax(logits.float(), -1)
-    entropy = -(logp1.exp() * logp1).sum(-1)
+    entropy = -logp1.exp().mul_(logp1).sum(-1)  # one (B, V) temporary instead of two
     logp = logp1 if temperature in (0, 1) else torch.log_softmax(logits.float() / temperature, -1)
     return entropy, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -335,15 +454,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     placeholder = latent_token_id if latent_token_id is not None else pad_token_id
     embed = model.get_input_embeddings()
+    forward = _LastPosition(model, all_layers=_reads_all_layers(injector, capture_layers))
 
     mask = attention_mask.long()
     pos = position_ids_for(mask)
-    out = model(input_ids=None if inputs_embeds is not None else input_ids,
-                inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos,
-                use_cache=True, output_hidden_states=True)
-    cache = out.past_key_values
-    logits = out.logits[:, -1]  # (B, V)
-    states = tuple(h[:, -1] for h in out.hidden_states)
+    logits, states, cache = forward(input_ids=None if inputs_embeds is not None else input_ids,
+                                    inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos)
+    # room for every position generation can add (one per step), written in place
+    cache = _reserve(cache, mask.shape[1] + max_new_tokens)
     prompt_hidden = {k: states[k] for k in capture_layers}
     next_pos = pos[:, -1] + 1  # (B,)
 
@@ -357,14 +475,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     def advance(step_in, latent, token):
         nonlocal mask, cache, logits, states, next_pos
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(inputs_embeds=step_in[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True, output_hidden_states=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1]
-        states = tuple(h[:, -1] for h in out.hidden_states)
+        logits, states, cache = forward(inputs_embeds=step_in[:, None], attention_mask=mask,
+                                        position_ids=next_pos[:, None], cache=cache)
         for k in capture_layers:
             rec_hidden[k].append(states[k])
         # "skip" positions: a thought (or a neutral token) does not advance the counter for what follows it.
+        if latent_positions != "skip" and not len(neutral):
+            next_pos = next_pos + 1
+            return
         skip = latent if latent_positions == "skip" else torch.zeros_like(latent)
         if len(neutral):
             skip = skip | (~latent & torch.isin(token, neutral))
@@ -377,17 +495,19 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         sampled = sample_tokens(logits, temperature, top_p, generators)
         latent, token = policy.step(state, sampled)  # (B,) bool, (B,) long
         latent = latent & ~finished
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        token = torch.where(latent, torch.full_like(token, placeholder), token)
+        token = token.masked_fill(finished, pad_token_id).masked_fill(latent, placeholder)
         entropy, logprob = _entropy_and_logprob(logits, token, temperature)
-        text_emb = embed(token)  # (B, D)
-        if latent.any():
+        n_latent = int(latent.sum())
+        if n_latent == B:  # every row thinks (fixed-K thoughts): no token embedding, no masking
+            thought = step_in = injector(states).to(embed.weight.dtype)
+        elif n_latent:
+            text_emb = embed(token)  # (B, D)
             thought = injector(states).to(text_emb.dtype)
             thought = torch.where(latent[:, None], thought, torch.zeros_like(thought))
             step_in = torch.where(latent[:, None], thought, text_emb)
         else:
-            thought = torch.zeros_like(text_emb)
-            step_in = text_emb
+            step_in = embed(token)  # (B, D)
+            thought = torch.zeros_like(step_in)
         rec_tok.append(token)
         rec_lat.append(latent)
         rec_valid.append(~finished)

@@ -54,21 +54,21 @@ def test_think_equals_the_cards_reference_loop(tiny):
         inputs = torch.tensor([prompt])
         mask = torch.ones_like(inputs)
         out = model(input_ids=inputs, attention_mask=mask, output_hidden_states=True, use_cache=True)
-        past, latent = out.past_key_values, out.hidden_states[-1][:, -1, :]
+        past, latent = out.cache, out.hidden_states[-1][:, -1, :]
         for _ in range(K):
             latent = projection.head(latent)
             mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
-            out = model(inputs_embeds=latent.unsqueeze(1), attention_mask=mask, past_key_values=past,
+            out = model(inputs_embeds=latent.unsqueeze(1), attention_mask=mask, cache=past,
                         output_hidden_states=True, use_cache=True)
-            past, latent = out.past_key_values, out.hidden_states[-1][:, -1, :]
+            past, latent = out.cache, out.hidden_states[-1][:, -1, :]
         token = out.logits[:, -1].argmax(-1)
         reference = [token.item()]
         for _ in range(new - 1):
             if token.item() == tok.eos_token_id:
                 break
             mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
-            out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+            out = model(input_ids=token[:, None], attention_mask=mask, cache=past, use_cache=True)
+            past, token = out.cache, out.logits[:, -1].argmax(-1)
             reference.append(token.item())
     assert trace.latent_steps.tolist() == [K]
     assert trace.text_ids(0) == reference

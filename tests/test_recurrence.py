@@ -1,11 +1,15 @@
 """Engine equivalences on a seeded tiny random model (no network)."""
 
+import logging
+import warnings
+
 import pytest
 import torch
 
-from latentlib.injection import INJECTION_SPECS, Injector, make_injector
+from latentlib.injection import INJECTION_SPECS, Injector, NormMatched, make_injector
 from latentlib.policies import LATENT, ScriptedPolicy, SwitchPolicy, TextPolicy
-from latentlib.recurrence import generate, latent_forward, position_ids_for
+from latentlib import recurrence
+from latentlib.recurrence import generate, latent_forward, position_ids_for, sample_tokens
 
 PROMPTS = ["3 +1 *7 =", "1 +2 =", "a b c 4 5 6 7"]
 
@@ -248,3 +252,197 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(lm):
     assert len(grads[0][1]) == len(grads[1][1]) > 0
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+class AnyLayer(Injector):
+    """Another injector's output, declared as reading any layer (``reads_layers()`` is
+    None): the engine then collects every layer's hidden states, as it did for all
+    injectors before it learnt to skip that."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states):
+        return self.inner(hidden_states)
+
+
+def test_injectors_say_which_layers_they_read():
+    assert make_injector("hs[-1]").reads_layers() == (-1,)
+    assert NormMatched(make_injector("hs[-3]"), target_rms=1.0).reads_layers() == (-3,)
+    assert make_injector("projection", hidden_size=8).reads_layers() == (-1,)
+    assert make_injector("suppressed[0.5:]").reads_layers() is None
+    assert AnyLayer(make_injector("hs[-1]")).reads_layers() is None
+    last = make_injector("hs[-1]")
+    assert not recurrence._reads_all_layers(last, ())
+    assert not recurrence._reads_all_layers(last, (-1,))
+    assert recurrence._reads_all_layers(last, (2,))
+    assert recurrence._reads_all_layers(make_injector("hs[-2]"), ())
+    assert recurrence._reads_all_layers(lambda hs: hs[-1], ())  # says nothing: any layer
+
+
+def _trace_fields(trace):
+    return {"tokens": trace.tokens, "is_latent": trace.is_latent, "valid": trace.valid, "entropy": trace.entropy,
+            "logprob": trace.logprob, "thoughts": trace.thoughts,
+            **{f"hidden{k}": v for k, v in trace.hidden.items()},
+            **{f"prompt_hidden{k}": v for k, v in trace.prompt_hidden.items()}}
+
+
+@pytest.mark.parametrize("spec", ["hs[-1]", "projection"])
+def test_last_layer_only_path_equals_all_layers_path(lm, spec):
+    """An injector that reads only the last layer makes the engine skip collecting every
+    layer's hidden states: generation and the training forward (plain and checkpointed)
+    must give bit-for-bit what they give when every layer is collected."""
+    model, tok, ids = lm
+    torch.manual_seed(0)
+    fast = make_injector(spec, model, norm_match=True)
+    slow = AnyLayer(fast)
+    assert not recurrence._reads_all_layers(fast, (-1,)) and recurrence._reads_all_layers(slow, ())
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(policy=ScriptedPolicy([[ids["<bot>"], LATENT, LATENT, LATENT, ids["<eot>"]], [LATENT] * 4,
+                                     [5, ids["<bot>"], LATENT, ids["<eot>"]]]),
+              max_new_tokens=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+              latent_token_id=ids["<latent>"], temperature=1.0, seeds=[1, 2, 3], capture_layers=(-1,))
+    a = _trace_fields(generate(model, enc.input_ids, enc.attention_mask, injector=fast, **kw))
+    b = _trace_fields(generate(model, enc.input_ids, enc.attention_mask, injector=slow, **kw))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    input_ids, mask, latent = batch_with_thoughts(tok, ids)
+    for ckpt in (False, True):
+        got = []
+        for injector in (fast, slow):
+            model.zero_grad()
+            injector.zero_grad()
+            out = latent_forward(model, input_ids, mask, latent, injector=injector, checkpoint=ckpt,
+                                 capture_layers=(-1,))
+            out.logits[:, -3:].logsumexp(-1).mean().backward()
+            got.append((out.logits, out.thoughts, out.hidden, out.layers[-1],
+                        [p.grad for p in (*model.parameters(), *injector.parameters()) if p.grad is not None]))
+        for x, y in zip(got[0][:4], got[1][:4]):
+            assert torch.equal(x, y)
+        assert len(got[0][4]) == len(got[1][4]) > 0
+        for x, y in zip(got[0][4], got[1][4]):
+            assert torch.equal(x, y)
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("spec", ["hs[-1]", "hs[-2]"])
+def test_whole_model_fallback_equals_decoder_path(lm, spec, monkeypatch):
+    """Generation runs the decoder stack and the LM head on the last position; a model
+    whose logits are not just the head's (soft-capping, logit scaling) runs whole with
+    ``logits_to_keep=1`` instead. Both give the same trace."""
+    model, tok, ids = lm
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(policy=ScriptedPolicy([ids["<bot>"], LATENT, LATENT, ids["<eot>"]]), max_new_tokens=8,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, latent_token_id=ids["<latent>"],
+              injector=make_injector(spec), capture_layers=(1,))
+    assert recurrence._plain_decoder(model) is not None
+    a = _trace_fields(generate(model, enc.input_ids, enc.attention_mask, **kw))
+    monkeypatch.setattr(recurrence, "_plain_decoder", lambda m: None)
+    b = _trace_fields(generate(model, enc.input_ids, enc.attention_mask, **kw))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_greedy_picks_what_argmax_picks():
+    """Greedy sampling takes ``max(-1).indices`` (faster than ``argmax`` on CPU): the same
+    first maximal index, with ties and NaN."""
+    x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    x[0, [3, 7]] = 9.0  # a tie
+    x[1, 5] = float("nan")
+    x[2, [2, 8]] = float("nan")
+    x[3] = 1.0  # all equal
+    assert torch.equal(sample_tokens(x, 0.0, 1.0, None), x.argmax(-1))
+    assert sample_tokens(x, 0.0, 1.0, None).tolist() == [3, 5, 2, 0]
+
+
+def test_reserved_cache_layer_holds_what_the_growing_one_holds():
+    """Generation's cache writes each step into room reserved after the prompt instead of
+    concatenating; it must hold what transformers' DynamicLayer holds after the same
+    updates, a crop, and when the room runs out (it then concatenates)."""
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [(torch.randn(2, 3, t, 4, generator=g), torch.randn(2, 3, t, 4, generator=g)) for t in (5, 1, 1, 2, 1, 3)]
+    plain = DynamicLayer()
+    plain.update(*chunks[0])
+    reserved = recurrence._ReservedLayer(plain, capacity=9)
+    plain = DynamicLayer()
+    plain.update(*chunks[0])
+    for i, (k, v) in enumerate(chunks[1:]):
+        if i == 3:
+            plain.crop(-2)
+            reserved.crop(-2)
+        a, b = plain.update(k, v), reserved.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert plain.get_seq_length() == reserved.get_seq_length()
+    assert reserved.get_seq_length() == 11 > 9  # the last update did not fit and was concatenated
+
+
+def test_reserved_cache_gives_the_same_trace(lm, monkeypatch):
+    model, tok, ids = lm
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(policy=ScriptedPolicy([ids["<bot>"], LATENT, LATENT, ids["<eot>"]]), max_new_tokens=8,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, latent_token_id=ids["<latent>"],
+              capture_layers=(-1,))
+    monkeypatch.setattr(recurrence, "MIN_RESERVED_NUMEL", 0)  # the tiny model's cache is below it
+    swapped = []
+    reserve = recurrence._reserve
+
+    def counted(cache, capacity):
+        cache = reserve(cache, capacity)
+        swapped.append(sum(isinstance(layer, recurrence._ReservedLayer) for layer in cache.layers))
+        return cache
+
+    monkeypatch.setattr(recurrence, "_reserve", counted)
+    a = _trace_fields(generate(model, enc.input_ids, enc.attention_mask, **kw))
+    assert swapped == [model.config.num_hidden_layers]
+    monkeypatch.setattr(recurrence, "_reserve", lambda cache, capacity: cache)
+    b = _trace_fields(generate(model, enc.input_ids, enc.attention_mask, **kw))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+class _TransformersLog(logging.Handler):
+    """Collects what transformers logs (its deprecation notices for old attribute names
+    are log records, not Python warnings)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_engine_calls_raise_no_deprecation_warning(lm):
+    """The engine uses transformers' current names (``cache=``, ``out.cache``; renamed from
+    ``past_key_values`` in 5.24, which stops accepting the old one in 5.40): a deprecation
+    warning from any of its paths fails here instead of turning into a silent no-cache run
+    after an upgrade."""
+    model, tok, ids = lm
+    input_ids, mask, latent = batch_with_thoughts(tok, ids)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    log = _TransformersLog()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(log)
+    once = getattr(logging.Logger.warning_once, "cache_clear", None)  # transformers logs each notice once
+    if once is not None:
+        once()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            warnings.simplefilter("error", FutureWarning)
+            for kw in ({}, {"checkpoint": True}, {"injector": make_injector("hs[-2]"), "capture_layers": (1,)}):
+                model.zero_grad()
+                latent_forward(model, input_ids, mask, latent, **kw).logits[:, -1].logsumexp(-1).sum().backward()
+            model.zero_grad()
+            for kw in ({}, {"injector": make_injector("suppressed[0.5:]"), "capture_layers": (1, -1)}):
+                generate(model, enc.input_ids, enc.attention_mask,
+                         policy=ScriptedPolicy([ids["<bot>"], LATENT, LATENT, ids["<eot>"]]), max_new_tokens=6,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         latent_token_id=ids["<latent>"], **kw)
+    finally:
+        transformers_logger.removeHandler(log)
+    assert not [m for m in log.messages if "deprecat" in m.lower()], log.messages
