@@ -48,3 +48,20 @@ def test_recorded_evaluations_survive_method_names_with_slashes(tmp_path, monkey
     record_evaluation("r", pd.DataFrame({"method": ["Coconut w/o curriculum", "cot"], "correct": [1, 0]}), stage="02_curriculum")
     got = collect_evaluations("r")
     assert sorted(got.method) == ["Coconut w/o curriculum", "cot"] and set(got.stage) == {"02_curriculum"}
+
+
+def test_papermill_reads_every_name_of_every_parameters_cell():
+    """papermill's inspection (what the pipeline checks names against, and what ``setup``
+    records) skips a line it cannot parse, e.g. one whose comment holds "(= ...)"; the
+    notebook then ignores that parameter's injected value."""
+    import ast
+    import json
+
+    from latentlib.pipeline import NOTEBOOKS, STAGES
+
+    for s in STAGES:
+        path = NOTEBOOKS / f"{s}.ipynb"
+        cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+        assigned = [t.id for node in ast.parse("".join(cell["source"])).body if isinstance(node, ast.Assign)
+                    for t in node.targets]
+        assert list(notebook_parameters(path)) == assigned, s
