@@ -207,3 +207,11 @@ def test_the_key_and_configuration_are_recorded(runs):
     meta = artifacts.read_meta(artifacts.artifact_dir("r", "base", "nocot"))
     assert meta["stage_config"]["base"]["train"]["steps"] == 3 and meta["inputs"]["records"]
     assert meta["key"] == stage_key(json.loads(json.dumps(meta["stage_config"])), meta["inputs"])
+
+
+def test_the_table1_baselines_override_the_stage_configuration():
+    """iCoT-style sets its own uniform_prob over the stage's (a TypeError before)."""
+    cfg = stages.CoconutStageConfig(uniform_prob=0.3)
+    icot = cfg.coconut("plain", method="icot", uniform_prob=0.0, removal_smoothing=4.0)
+    assert (icot.method, icot.uniform_prob, icot.removal_smoothing) == ("icot", 0.0, 4.0)
+    assert cfg.coconut("plain").uniform_prob == 0.3

@@ -99,8 +99,10 @@ class CoconutStageConfig:
                    variant_final_steps=int(p["variant_final_steps"]))
 
     def coconut(self, fmt: str, **overrides) -> CoconutConfig:
-        return CoconutConfig(format=fmt, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
-                             uniform_prob=self.uniform_prob, **overrides)
+        """The run's Coconut configuration in format ``fmt``; ``overrides`` win over the stage's
+        values (iCoT-style sets its own ``uniform_prob``)."""
+        return CoconutConfig(**{"format": fmt, "c_thought": self.c_thought, "max_latent_stage": self.max_latent_stage,
+                                "uniform_prob": self.uniform_prob, **overrides})
 
     def curriculum(self, steps: int | None = None, final: int | None = None) -> CurriculumConfig:
         return CurriculumConfig(end_stage=self.max_latent_stage, steps_per_stage=self.steps_per_stage
