@@ -215,3 +215,18 @@ def test_the_table1_baselines_override_the_stage_configuration():
     icot = cfg.coconut("plain", method="icot", uniform_prob=0.0, removal_smoothing=4.0)
     assert (icot.method, icot.uniform_prob, icot.removal_smoothing) == ("icot", 0.0, 4.0)
     assert cfg.coconut("plain").uniform_prob == 0.3
+
+
+def test_a_task_run_can_train_only_the_formats_and_base_models_it_needs():
+    cfg = stages.CoconutStageConfig(formats="plain", baselines="plain,")
+    assert cfg.formats == ("plain",) and cfg.baselines == ("plain",)
+    assert stages.CoconutStageConfig().formats == ("plain", "markers")
+    with pytest.raises(ValueError, match="formats=.*'plain' and 'markers'"):
+        stages.CoconutStageConfig(formats="plain,bracketed")
+    with pytest.raises(ValueError, match="at least one format"):
+        stages.CoconutStageConfig(formats="")
+    params = {"model": "tiny", "base_steps": 10, "batch_size": 8, "lr": 1e-3, "seed": 0}
+    assert stages.BaseModelsConfig.from_params(params).kinds == ("cot", "nocot", "cot_markers")
+    assert stages.BaseModelsConfig.from_params({**params, "base_kinds": "cot, nocot"}).kinds == ("cot", "nocot")
+    with pytest.raises(ValueError, match="kinds="):
+        stages.BaseModelsConfig.from_params({**params, "base_kinds": "cot,markers"})
