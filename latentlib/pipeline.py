@@ -282,10 +282,11 @@ def run_pipeline(preset: str, *, run: str | None = None, overrides: dict[str, st
     for s in only or ():
         if s not in ALL_STAGES:
             raise ValueError(f"unknown stage {s!r}: stages are {', '.join(ALL_STAGES)}")
-    stages = tuple(s for s in only if s in STAGES) if only else STAGES
     run = run or preset
     overrides = dict(overrides or {})
     extra = task_runs(preset) if with_task_runs else {}
+    # --only may name a task run's notebook for the main run when there are no task runs (e.g. 06 on ProsQA files)
+    stages = tuple(s for s in only if s in (STAGES if extra else ALL_STAGES)) if only else STAGES
     # every run's parameters are resolved (and refused) before anything runs
     plans = [(run, stages, resolve_parameters(preset, {**overrides, "run": run}, stages))] if stages else []
     for name, run_stages in extra.items():
@@ -321,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", default=None, help="run name (default: the preset name)")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override one notebook parameter")
-    ap.add_argument("--only", default=None, help="comma-separated stages to run (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated stages to run (default: all; with --no-task-runs "
+                                                 "also a task run's notebook, e.g. 06_latent_search)")
     ap.add_argument("--no-task-runs", action="store_true", help="run the main run alone (no task_runs of the "
                                                                   "parameter file)")
     args = ap.parse_args(argv)

@@ -159,3 +159,8 @@ def test_the_pipeline_runs_the_task_runs_after_the_main_one_and_puts_table1_side
     calls.clear()
     pipeline.run_pipeline("tiny", run="u", with_task_runs=False)
     assert [c[0] for c in calls] == ["u"]
+    calls.clear()
+    pipeline.run_pipeline("tiny", run="p", only=("00_teacher_extraction", "06_latent_search"), with_task_runs=False,
+                          overrides={"task": "prosqa", "task_path": "/data/prosqa"})
+    assert [(c[0], c[1]) for c in calls] == [("p", ("00_teacher_extraction", "06_latent_search"))]
+    assert set(calls[0][2].values()) == {"prosqa"}
