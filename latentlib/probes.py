@@ -8,10 +8,17 @@ and the same questions for Coconut):
   of the same norm, or shuffle them across the batch (:class:`AblatedInjector`);
 - what each thought "says": the logit lens (:func:`logit_lens`) and, for the embedded
   task, which intermediate value thought k decodes to (:func:`lens_step_matrix`: a
-  diagonal means thought k holds the k-th value).
+  diagonal means thought k holds the k-th value);
+- on a graph task, the latent search (Coconut's section 5, Zhu et al. 2025): the class
+  of what a model writes after k thoughts (:func:`classify_output`), the value of each
+  frontier node at thought k and its inner product with the node's embedding
+  (:func:`thought_nodes`, with the node groups of :func:`node_groups`), and the
+  generator's shortcut cue (:func:`cue_accuracy`).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
@@ -23,12 +30,15 @@ from tqdm.auto import tqdm
 from latentlib.batching import encode_record
 from latentlib.evaluate import generate_batch
 from latentlib.injection import Injector
-from latentlib.tasks import Format
+from latentlib.tasks import ANSWER_MARKER, Format
 
 __all__ = ["AblatedInjector", "ABLATIONS", "token_ranks", "position_table", "boundary_features", "linear_probe",
            "logit_lens", "lens_step_matrix", "latent_thoughts", "collect_traces", "position_tables", "rank_table",
            "probe_table", "exit_table", "stack_thoughts", "lens_table", "lens_examples", "summary_table",
-           "card_comparison"]
+           "card_comparison", "source_depths", "cue_candidate", "cue_accuracy", "OUTPUT_CLASSES", "NODE_GROUPS",
+           "root_depths", "target_distances", "node_groups", "written_edges", "classify_output", "output_class_table",
+           "node_token_ids", "thought_nodes", "frontier_values", "value_by_height", "group_inner_products",
+           "latent_search_summary", "node_examples"]
 
 ABLATIONS = ("none", "zero", "random", "shuffle")
 
@@ -350,3 +360,320 @@ def card_comparison(*, switch_name: str, boundary: pd.DataFrame, probe: pd.DataF
         lines.append(f"p(</swi>) after 1 latent step: mean {after.mean_p_exit[1]:.2f}, "
                      f"median {after.median_p_exit[1]:.2f} (K_min = {k_min})")
     return lines
+
+
+# ---------------------------------------------------------------------------- graph search (notebook 06)
+
+
+def _graph(meta: dict) -> tuple[list[list[int]], list[list[int]]]:
+    """Children and parents of every node of a graph record's ``meta``."""
+    n = len(meta["idx_to_symbol"])
+    children: list[list[int]] = [[] for _ in range(n)]
+    parents: list[list[int]] = [[] for _ in range(n)]
+    for a, b in meta["edges"]:
+        children[a].append(b)
+        parents[b].append(a)
+    return children, parents
+
+
+def source_depths(meta: dict) -> list[int]:
+    """Each node's shortest distance from a parentless node (an entity): the depth the
+    generator's shortcut cue is about."""
+    children, parents = _graph(meta)
+    depth = [0 if not parents[v] else -1 for v in range(len(children))]
+    queue = [v for v in range(len(children)) if depth[v] == 0]
+    for v in queue:  # BFS from every source at once (the list grows as it is read)
+        for c in children[v]:
+            if depth[c] < 0:
+                depth[c] = depth[v] + 1
+                queue.append(c)
+    return depth
+
+
+def cue_candidate(record) -> int | None:
+    """The candidate (node index) that the shortcut cue picks: the deeper of the two, by
+    :func:`source_depths`; ``None`` when both are equally deep. The generator asks about
+    the entity with the farther answer, so the answer is usually the deeper candidate, and
+    a model can pick it without searching from the root."""
+    meta = record.meta
+    depth = source_depths(meta)
+    t, n = meta["target"], meta["neg_target"]
+    if depth[t] == depth[n]:
+        return None
+    return t if depth[t] > depth[n] else n
+
+
+def cue_accuracy(records, correct) -> dict:
+    """Accuracy where the cue points at the answer, where it points at the distractor, on
+    ties, and on the last two together (``cue_not_right``), with the problem counts: a
+    model that reads the cue instead of searching is right on the first, wrong on the
+    second and right half the time on ties."""
+    correct = [bool(c) for c in correct]
+    if len(correct) != len(records):
+        raise ValueError(f"{len(correct)} grades for {len(records)} records: grade every record")
+    groups = {"cue_right": [], "cue_wrong": [], "cue_tie": []}
+    for r, c in zip(records, correct):
+        pick = cue_candidate(r)
+        groups["cue_tie" if pick is None else "cue_right" if pick == r.meta["target"] else "cue_wrong"].append(c)
+    groups["cue_not_right"] = groups["cue_wrong"] + groups["cue_tie"]
+    out = {}
+    for name, values in groups.items():
+        out[f"accuracy_{name}"] = sum(values) / len(values) if values else float("nan")
+        out[f"n_{name}"] = len(values)
+    return out
+
+
+
+OUTPUT_CLASSES = ("correct path", "longer path", "hallucination", "wrong target", "correct label", "incorrect label")
+"""What a graph model writes after its thoughts (Coconut's Figure 3): a shortest path to the
+answer, a longer but real one, one that uses an edge the graph does not have (or a node it
+does not have), a real one that ends elsewhere than the answer; or, when it writes no path,
+only a correct or an incorrect answer."""
+NODE_GROUPS = ("reached", "frontier", "optimal", "unreachable")
+"""Nodes at thought k (Zhu et al. 2025): ``reached`` within fewer than k edges of the root
+(the root included); ``frontier`` exactly k edges away; ``optimal``, the frontier nodes on a
+shortest path to the answer; ``unreachable``, not reachable in k edges (farther, or never)."""
+
+
+def root_depths(meta: dict) -> list[int]:
+    """Each node's shortest distance from the root (-1: the root cannot reach it)."""
+    if "depth" in meta:
+        return list(meta["depth"])
+    children, _ = _graph(meta)
+    depth = [-1] * len(children)
+    depth[meta["root"]] = 0
+    queue = [meta["root"]]
+    for v in queue:
+        for c in children[v]:
+            if depth[c] < 0:
+                depth[c] = depth[v] + 1
+                queue.append(c)
+    return depth
+
+
+def target_distances(meta: dict) -> list[int]:
+    """Each node's shortest distance to the answer (-1: it cannot reach it)."""
+    _, parents = _graph(meta)
+    dist = [-1] * len(parents)
+    dist[meta["target"]] = 0
+    queue = [meta["target"]]
+    for v in queue:
+        for p in parents[v]:
+            if dist[p] < 0:
+                dist[p] = dist[v] + 1
+                queue.append(p)
+    return dist
+
+
+def node_groups(meta: dict, k: int) -> list[str]:
+    """Each node's group at thought ``k`` (:data:`NODE_GROUPS`)."""
+    if k < 0:
+        raise ValueError(f"thought k={k}: k counts thoughts, from 0")
+    depth, to_target = root_depths(meta), target_distances(meta)
+    length = depth[meta["target"]]
+    groups = []
+    for v, d in enumerate(depth):
+        if 0 <= d < k:
+            groups.append("reached")
+        elif d == k:
+            groups.append("optimal" if to_target[v] >= 0 and d + to_target[v] == length else "frontier")
+        else:
+            groups.append("unreachable")
+    return groups
+
+
+def _last_word(text: str) -> str:
+    words = text.split()
+    return words[-1].rstrip(".?") if words else ""
+
+
+def written_edges(prediction: str, symbols) -> tuple[list[tuple[int | None, int | None]], int | None]:
+    """The edges a graph model's output walks and the node it answers, as node indices
+    (``None``: a word that names no node). Symbolic outputs (``n3 n5 n7 #### n7``) name one
+    node per step, so the first edge starts from where the thoughts left off (``None``);
+    sentences (``Every lempus is a zumpus.``) name both ends. A missing ``####`` is no answer."""
+    index = {s: i for i, s in enumerate(symbols)}
+    text, marker, after = prediction.partition(ANSWER_MARKER)
+    answer = index.get(_last_word(after)) if marker else None
+    edges: list[tuple[int | None, int | None]] = []
+    if " is a " in f" {text} ":
+        for sentence in re.findall(r"[^.]*\.", text):
+            words = sentence.split()
+            if len(words) >= 4 and words[-3:-1] == ["is", "a"]:
+                edges.append((index.get(words[-4]), index.get(words[-1].rstrip("."))))
+            else:
+                edges.append((None, None))
+    else:
+        nodes = [index.get(w) for w in text.split()]
+        edges = [(None if i == 0 else nodes[i - 1], v) for i, v in enumerate(nodes)]
+    return edges, answer
+
+
+def classify_output(meta: dict, k: int, prediction: str) -> str:
+    """The class (:data:`OUTPUT_CLASSES`) of what a model wrote after ``k`` thoughts on a graph
+    record (``meta``: its graph fields).
+
+    The walk is the written edges, closed by the answer when the last written node is not
+    the answer. It is a *hallucination* when an edge is not in the graph, a word is not a
+    node, or it starts where ``k`` thoughts and one step cannot have reached (symbolic: its
+    first node farther than ``k + 1`` edges from the root; sentences: its first subject
+    farther than ``k``); a *wrong target* when it ends elsewhere than the answer; a
+    *correct path* when every step goes one edge farther from the root on a shortest path
+    and it starts no earlier than the thoughts had got (``k + 1``, at most the answer's
+    depth); a *longer path* otherwise. No written step: *correct* or *incorrect label*."""
+    symbols, target = meta["idx_to_symbol"], meta["target"]
+    depth, length = root_depths(meta), root_depths(meta)[meta["target"]]
+    edges, answer = written_edges(prediction, symbols)
+    if not edges:
+        return "correct label" if answer == target else "incorrect label"
+    if answer is not None and edges[-1][1] is not None and answer != edges[-1][1]:
+        edges.append((edges[-1][1], answer))
+    graph = {(a, b) for a, b in meta["edges"]}
+    (start, first) = edges[0]
+    if first is None or any(b is None for _, b in edges):
+        return "hallucination"
+    if start is None:  # symbolic: the thoughts walked the first k edges
+        if not 1 <= depth[first] <= k + 1:
+            return "hallucination"
+        nodes = [first]
+    else:
+        if not 0 <= depth[start] <= k or (start, first) not in graph:
+            return "hallucination"
+        nodes = [start, first]
+    for a, b in edges[1:]:
+        if a != nodes[-1] or (a, b) not in graph:
+            return "hallucination"
+        nodes.append(b)
+    if nodes[-1] != target:
+        return "wrong target"
+    step_by_step = all(depth[b] == depth[a] + 1 for a, b in zip(nodes, nodes[1:]))
+    begins = depth[nodes[0]] >= (min(k + 1, length) if start is None else min(k, length - 1))
+    return "correct path" if step_by_step and begins else "longer path"
+
+
+def output_class_table(frame: pd.DataFrame, *, by: str = "k") -> pd.DataFrame:
+    """The share of each output class (and the accuracy) per ``by`` value, from one row per
+    problem with ``output_class`` and ``correct``."""
+    shares = (frame.groupby(by, sort=False).output_class.value_counts(normalize=True).unstack(fill_value=0.0)
+              .reindex(columns=list(OUTPUT_CLASSES), fill_value=0.0))
+    shares["accuracy"] = frame.groupby(by, sort=False).correct.mean()
+    shares["n"] = frame.groupby(by, sort=False).size()
+    return shares.reset_index()
+
+
+def node_token_ids(tokenizer, symbols) -> list[int]:
+    """The token of each node name; every name must be one token (the symbolic style on a
+    word-level tokenizer), since a node's value is the probability of its token."""
+    ids = []
+    for s in symbols:
+        tok = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(tok) != 1 or tok[0] == tokenizer.unk_token_id:
+            raise ValueError(f"node {s!r} is {len(tok)} tokens {tok} for this tokenizer: node values need one token "
+                             "per node (the graph task's symbolic style with a from-scratch model)")
+        ids.append(tok[0])
+    return ids
+
+
+@torch.no_grad()
+def thought_nodes(model: nn.Module, tokenizer, records, thoughts: torch.Tensor) -> pd.DataFrame:
+    """One row per problem, thought ``k`` (1..K) and node of the problem's graph:
+    ``group`` at thought k (:func:`node_groups`), ``depth`` from the root, ``height`` (the
+    node's distance to a leaf), ``on_path`` (a node of the gold path), ``value`` (the
+    probability of the node's token when the LM head reads thought k: the distribution the
+    model would write the next step from if decoding were forced to start there, instead
+    of taking thought k) and ``inner`` (thought k's inner product with the node's input
+    embedding, as Zhu et al. 2025 measure it). ``thoughts``: ``(N, K, D)``, the final
+    normed states injected as thoughts (``hs[-1]``), for the records in order."""
+    if thoughts.shape[0] != len(records):
+        raise ValueError(f"{thoughts.shape[0]} problems of thoughts for {len(records)} records")
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings().weight
+    rows = []
+    for i, r in enumerate(records):
+        meta = r.meta
+        ids = torch.tensor(node_token_ids(tokenizer, meta["idx_to_symbol"]))
+        probs = head(thoughts[i].to(head.weight.dtype)).float().softmax(-1)[:, ids]  # (K, nodes)
+        inner = thoughts[i].float() @ embed[ids].float().T  # (K, nodes)
+        depth, height, path = root_depths(meta), meta.get("height"), set(meta.get("path", ()))
+        for k in range(1, thoughts.shape[1] + 1):
+            groups = node_groups(meta, k)
+            for v, symbol in enumerate(meta["idx_to_symbol"]):
+                rows.append({"problem": i, "thought": k, "node": v, "symbol": symbol, "group": groups[v],
+                             "depth": depth[v], "height": height[v] if height is not None else -1,
+                             "on_path": v in path, "value": probs[k - 1, v].item(),
+                             "inner": inner[k - 1, v].item()})
+    return pd.DataFrame(rows)
+
+
+def frontier_values(nodes: pd.DataFrame, thought: int) -> pd.DataFrame:
+    """Per problem, the values of its frontier nodes at ``thought`` (groups ``frontier`` and
+    ``optimal``) sorted: ``top1``, ``top2``, ``top3`` the cumulative value of the 1, 2 and 3
+    most valued (Coconut's Figure 7), ``frontier`` how many there are, ``optimal_top1``
+    whether the most valued is on a shortest path. Problems with no frontier node at that
+    thought are left out."""
+    front = nodes[(nodes.thought == thought) & nodes.group.isin(["frontier", "optimal"])]
+    rows = []
+    for problem, df in front.groupby("problem", sort=True):
+        df = df.sort_values("value", ascending=False)
+        cum = df.value.cumsum().tolist() + [df.value.sum()] * 2
+        rows.append({"problem": problem, "thought": thought, "frontier": len(df), "top1": cum[0], "top2": cum[1],
+                     "top3": cum[2], "optimal_top1": df.group.iloc[0] == "optimal"})
+    return pd.DataFrame(rows)
+
+
+def value_by_height(nodes: pd.DataFrame, thoughts=(1, 2)) -> pd.DataFrame:
+    """Mean value of the frontier nodes per thought and height (Coconut's Figure 8), split
+    by whether the node is on a shortest path to the answer."""
+    front = nodes[nodes.thought.isin(list(thoughts)) & nodes.group.isin(["frontier", "optimal"])]
+    return (front.assign(optimal=front.group == "optimal")
+            .groupby(["thought", "optimal", "height"]).value.agg(["mean", "median", "size"]).reset_index())
+
+
+def group_inner_products(nodes: pd.DataFrame) -> pd.DataFrame:
+    """Per thought and node group: the mean, standard deviation and count of the thought's
+    inner product with the nodes' embeddings (Zhu et al. 2025), and the mean value."""
+    return (nodes.groupby(["thought", "group"]).agg(mean_inner=("inner", "mean"), sd_inner=("inner", "std"),
+                                                    mean_value=("value", "mean"), nodes=("inner", "size"))
+            .reset_index())
+
+
+def latent_search_summary(classes: pd.DataFrame, spreads: dict, inner: pd.DataFrame, *, coconut: str) -> pd.DataFrame:
+    """The key numbers of notebook 06: accuracy and the share of shortest paths and of
+    hallucinated edges for CoT and for Coconut made to write after 0 and 1 thoughts and at
+    its own number of thoughts; the mean top-1 value of the frontier and how much the next
+    two add, per thought; the inner product of each thought with frontier and optimal
+    nodes against unreachable ones."""
+    by = classes.set_index("k")
+    last = max(k for k in by.index if not isinstance(k, str))
+    rows = []
+    for k, label in [("CoT", "CoT"), ("no-CoT", "no-CoT"), (0, f"{coconut}, k=0"), (1, f"{coconut}, k=1"),
+                     (last, f"{coconut}, k={last}")]:
+        if k in by.index:
+            rows += [("accuracy", label, by.accuracy[k]), ("correct path", label, by["correct path"][k]),
+                     ("hallucination", label, by["hallucination"][k])]
+    for k, df in spreads.items():
+        if len(df):
+            rows += [(f"thought {k}: mean top-1 value", coconut, df.top1.mean()),
+                     (f"thought {k}: mean value of the 2nd and 3rd", coconut, (df.top3 - df.top1).mean()),
+                     (f"thought {k}: most valued node on a shortest path", coconut, df.optimal_top1.mean())]
+    ip = inner.set_index(["thought", "group"]).mean_inner
+    for k in sorted(inner.thought.unique()):
+        for g in ("frontier", "optimal"):
+            if (k, g) in ip.index and (k, "unreachable") in ip.index:
+                rows.append((f"thought {k}: inner product, {g} - unreachable", coconut,
+                             ip[(k, g)] - ip[(k, "unreachable")]))
+    return pd.DataFrame(rows, columns=["measurement", "model", "value"])
+
+
+def node_examples(nodes: pd.DataFrame, records, n: int, *, top: int = 3) -> pd.DataFrame:
+    """For the first ``n`` problems, the ``top`` nodes each thought values most (with their
+    value and group), beside the gold path; one column per problem."""
+    out = []
+    for i in range(min(n, len(records))):
+        r = records[i]
+        df = nodes[nodes.problem == i]
+        row = {"question": r.question, "gold path": " ".join([r.meta["idx_to_symbol"][r.meta["root"]], *r.steps])}
+        for k, dk in df.groupby("thought"):
+            best = dk.sort_values("value", ascending=False).head(top)
+            row[f"thought {k}"] = ", ".join(f"{s} {v:.2f} ({g})" for s, v, g in zip(best.symbol, best.value, best.group))
+        out.append(row)
+    return pd.DataFrame(out).T

@@ -62,26 +62,35 @@ def lm(request):
 def smoke_pipeline(tmp_path_factory):
     """The whole pipeline once on the smoke budgets of ``test_notebooks.SMOKE``, through
     ``run_pipeline`` as ``make pipeline`` runs it (the ``latentlib`` kernel, reports
-    rendered): ``(reports/smoke, results, tmp)``. The notebook smoke tests, the nbval re-run
-    and the report checks all read this one run."""
+    rendered), then the graph task run (``SMOKE_GRAPH``: 00, 02 and 06 on the graph task, run
+    ``smoke-graph``): ``(reports/smoke, results, tmp)``. The notebook smoke tests, the nbval
+    re-run and the report checks all read these runs."""
     from latentlib.pipeline import choose_kernel, run_pipeline
-    from test_notebooks import SMOKE
+    from test_notebooks import SMOKE, SMOKE_GRAPH
+
+    def merged(per_notebook):
+        overrides = {}
+        for params in per_notebook.values():
+            for k, v in params.items():
+                assert overrides.get(k, str(v)) == str(v), f"the smoke parameters set {k} differently per notebook"
+                overrides[k] = str(v)
+        return overrides
+
+    def run(name, per_notebook):
+        try:
+            return run_pipeline("tiny", run=name, overrides=merged(per_notebook), kernel=kernel,
+                                only=tuple(per_notebook), with_task_runs=False)
+        except RuntimeError as e:  # a notebook failed ("<stage> failed: ..."): its test says so, the others run
+            return [{"stage": str(e).split(" failed", 1)[0], "status": "failed", "error": str(e), "run": name}]
 
     tmp = tmp_path_factory.mktemp("smoke")
     mp = pytest.MonkeyPatch()
     mp.setenv("LATENTLIB_RUNS", str(tmp / "runs"))
     mp.setenv("LATENTLIB_REPORTS", str(tmp / "reports"))
-    overrides = {}
-    for params in SMOKE.values():
-        for k, v in params.items():
-            assert overrides.get(k, str(v)) == str(v), f"SMOKE sets {k} differently per notebook"
-            overrides[k] = str(v)
     try:
         kernel = choose_kernel()
-        try:
-            results = run_pipeline("tiny", run="smoke", overrides=overrides, kernel=kernel)
-        except RuntimeError as e:  # a notebook failed ("<stage> failed: ..."): its test says so, the others run
-            results = [{"stage": str(e).split(" failed", 1)[0], "status": "failed", "error": str(e)}]
+        results = run("smoke", {s: p for s, p in SMOKE.items() if p})
+        results += run("smoke-graph", SMOKE_GRAPH)
     finally:
         mp.undo()
     for r in results:

@@ -4,7 +4,7 @@ re-run by nbval; and the same notebooks on the real SmolLM2 (slow)."""
 
 import pytest
 
-from latentlib.pipeline import NOTEBOOKS, STAGES
+from latentlib.pipeline import ALL_STAGES, NOTEBOOKS, STAGES, TASK_STAGES
 
 # Per notebook, the parameters of a smoke run (seconds, not minutes). Every notebook must
 # have an entry: a notebook without one fails here rather than going untested.
@@ -20,26 +20,39 @@ SMOKE = {
                 "logging_steps": 1},
     "04_evaluation": {"n_train": 2000, "n_test": 50, "prefix_draws": 1, "steer_pairs": 16},
     "05_probes": {"n_train": 2000, "n_test": 50},
+    "06_latent_search": {},  # in the graph run below
 }
-PRESENT = [s for s in STAGES if (NOTEBOOKS / f"{s}.ipynb").exists()]
+# The notebooks only a task run executes (TASK_STAGES) run on the graph task, after 00 and 02 on it, in a run of
+# their own: the pipeline's graph task run with smoke budgets.
+GRAPH = {"task": "graph", "graph_nodes": 10, "graph_min_path": 2, "graph_max_path": 4, "n_train": 2000, "n_test": 40}
+SMOKE_GRAPH = {
+    "00_teacher_extraction": {**GRAPH, "base_steps": 30, "base_kinds": "cot,nocot", "teacher_problems": 20,
+                              "teacher_rollouts": 2, "teacher_steps": 4, "teacher_speed_problems": 1},
+    "02_curriculum": {**GRAPH, "steps_per_stage": 2, "final_stage_steps": 2, "max_latent_stage": 4, "formats": "plain",
+                      "second_c": 0, "run_switch": False},
+    "06_latent_search": GRAPH,
+}
+PRESENT = [s for s in ALL_STAGES if (NOTEBOOKS / f"{s}.ipynb").exists()]
 
 
 @pytest.fixture(scope="module")
 def smoke_run(smoke_pipeline):
-    """The executed notebooks of the one smoke pipeline run (``conftest.smoke_pipeline``) and
-    each notebook's status."""
+    """Each notebook's executed copy in the smoke runs (``conftest.smoke_pipeline``: the main
+    run, then the graph run for 06) and each notebook's status."""
     report, results, _ = smoke_pipeline
-    status = {r["stage"]: r["status"] + (f": {r['error']}" if "error" in r else "") for r in results}
+    status = {r["stage"]: r["status"] + (f": {r['error']}" if "error" in r else "") for r in results
+              if r.get("run", "smoke") == "smoke" or r["stage"] in TASK_STAGES}
     return report, status
 
 
 @pytest.mark.parametrize("stage", PRESENT)
 def test_notebook_runs_headless(stage, smoke_run):
-    assert set(PRESENT) == set(STAGES), f"notebooks missing: {sorted(set(STAGES) - set(PRESENT))}"
-    assert set(SMOKE) == set(STAGES), f"no smoke parameters for {sorted(set(STAGES) - set(SMOKE))}: add them here"
+    assert set(PRESENT) == set(ALL_STAGES), f"notebooks missing: {sorted(set(ALL_STAGES) - set(PRESENT))}"
+    assert set(SMOKE) == set(ALL_STAGES), f"no smoke parameters for {sorted(set(ALL_STAGES) - set(SMOKE))}: add them"
     report, status = smoke_run
     assert status.get(stage) == "ok", status
-    assert (report / f"{stage}.ipynb").exists()
+    run = report.parent / ("smoke-graph" if stage in TASK_STAGES else "smoke")
+    assert (run / f"{stage}.ipynb").exists()
 
 
 def test_nbval_reruns_give_the_same_checked_outputs(smoke_run, tmp_path):
@@ -51,8 +64,11 @@ def test_nbval_reruns_give_the_same_checked_outputs(smoke_run, tmp_path):
     import sys
     from pathlib import Path
 
-    tmp, status = smoke_run
-    done = [tmp / f"{s}.ipynb" for s in PRESENT if status.get(s) == "ok"]
+    report, status = smoke_run
+    tmp = report.parent
+    done = [report / f"{s}.ipynb" for s in PRESENT if status.get(s) == "ok" and s not in TASK_STAGES]
+    if any(status.get(s) == "ok" for s in TASK_STAGES):  # the graph run, in its order
+        done += [tmp / "smoke-graph" / f"{s}.ipynb" for s in ALL_STAGES if s in SMOKE_GRAPH]
     assert done, "no notebook ran"
     sanitize = Path(__file__).with_name("nbval_sanitize.cfg")
     env = {**os.environ, "LATENTLIB_RUNS": str(tmp_path / "runs"), "LATENTLIB_REPORTS": str(tmp_path / "reports")}

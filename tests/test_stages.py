@@ -207,3 +207,26 @@ def test_the_key_and_configuration_are_recorded(runs):
     meta = artifacts.read_meta(artifacts.artifact_dir("r", "base", "nocot"))
     assert meta["stage_config"]["base"]["train"]["steps"] == 3 and meta["inputs"]["records"]
     assert meta["key"] == stage_key(json.loads(json.dumps(meta["stage_config"])), meta["inputs"])
+
+
+def test_the_table1_baselines_override_the_stage_configuration():
+    """iCoT-style sets its own uniform_prob over the stage's (a TypeError before)."""
+    cfg = stages.CoconutStageConfig(uniform_prob=0.3)
+    icot = cfg.coconut("plain", method="icot", uniform_prob=0.0, removal_smoothing=4.0)
+    assert (icot.method, icot.uniform_prob, icot.removal_smoothing) == ("icot", 0.0, 4.0)
+    assert cfg.coconut("plain").uniform_prob == 0.3
+
+
+def test_a_task_run_can_train_only_the_formats_and_base_models_it_needs():
+    cfg = stages.CoconutStageConfig(formats="plain", baselines="plain,")
+    assert cfg.formats == ("plain",) and cfg.baselines == ("plain",)
+    assert stages.CoconutStageConfig().formats == ("plain", "markers")
+    with pytest.raises(ValueError, match="formats=.*'plain' and 'markers'"):
+        stages.CoconutStageConfig(formats="plain,bracketed")
+    with pytest.raises(ValueError, match="at least one format"):
+        stages.CoconutStageConfig(formats="")
+    params = {"model": "tiny", "base_steps": 10, "batch_size": 8, "lr": 1e-3, "seed": 0}
+    assert stages.BaseModelsConfig.from_params(params).kinds == ("cot", "nocot", "cot_markers")
+    assert stages.BaseModelsConfig.from_params({**params, "base_kinds": "cot, nocot"}).kinds == ("cot", "nocot")
+    with pytest.raises(ValueError, match="kinds="):
+        stages.BaseModelsConfig.from_params({**params, "base_kinds": "cot,markers"})

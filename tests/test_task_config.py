@@ -89,7 +89,7 @@ def test_a_graph_with_no_path_to_either_candidate_is_refused(tmp_path):
 
 def test_a_task_a_scratch_model_cannot_hold_is_refused_before_training(monkeypatch):
     tiny = get_preset("tiny")
-    big = load_task(TaskConfig(name="graph", n_train=20, n_test=5, graph_nodes=90, graph_min_path=3,
+    big = load_task(TaskConfig(name="graph", n_train=20, n_test=5, graph_nodes=200, graph_min_path=3,
                                graph_max_path=6), " ", scratch=True)
     with pytest.raises(ValueError, match="positions"):
         check_scratch_fit(big, tiny)

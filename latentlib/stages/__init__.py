@@ -17,15 +17,17 @@ plus the identities of its inputs.
 | switch phase 3 | :func:`.switch.switch_phase3` | 03_grpo |
 | evaluate (light) | :func:`.evaluation.evaluation` (:func:`.light.light_methods_table`) | 04_evaluation |
 | probes | :mod:`.probes` | 05_probes |
+| latent search | :func:`.probes.latent_search_models`, :func:`.probes.forced_switch`, :func:`.probes.latent_nodes` | 06_latent_search |
 """
 
 from latentlib.stages.base import BaseModel, BaseModelsConfig, base_model, base_models, load_base
 from latentlib.stages.coconut import (CoconutModel, CoconutResults, CoconutRunConfig, CoconutStageConfig,
                                       bracketed_base, coconut, coconut_formats, coconut_model, coconut_table1,
-                                      coconut_thoughts, coconut_variants, vcr_memory)
+                                      coconut_thoughts, coconut_variants, table1_across_tasks, vcr_memory)
 from latentlib.stages.evaluation import Evaluation, EvaluationConfig, evaluation
 from latentlib.stages.light import LightConfig, LightResult, light_methods_table, training_free_table
-from latentlib.stages.probes import ProbeModels, ablations, coconut_lens, probe_models
+from latentlib.stages.probes import (LatentSearchModels, ProbeModels, ablations, coconut_lens, forced_switch,
+                                     latent_nodes, latent_search_models, probe_models)
 from latentlib.stages.qthink import QThinkComparison, QThinkConfig, qthink_comparison, qthink_row
 from latentlib.stages.reuse import Built, build_or_reuse
 from latentlib.stages.switch import (Phase1Config, Phase2Config, Phase3Config, PhaseResult, load_spans,
@@ -34,9 +36,11 @@ from latentlib.stages.teacher import TeacherStageConfig, teacher, teacher_throug
 
 __all__ = ["BaseModel", "BaseModelsConfig", "base_model", "base_models", "load_base", "CoconutModel",
            "CoconutResults", "CoconutRunConfig", "CoconutStageConfig", "bracketed_base", "coconut", "coconut_formats",
-           "coconut_model", "coconut_table1", "coconut_thoughts", "coconut_variants", "vcr_memory", "Evaluation",
+           "coconut_model", "coconut_table1", "coconut_thoughts", "coconut_variants", "table1_across_tasks",
+           "vcr_memory", "Evaluation",
            "EvaluationConfig", "evaluation", "LightConfig", "LightResult", "light_methods_table",
-           "training_free_table", "ProbeModels", "ablations", "coconut_lens", "probe_models", "QThinkComparison", "QThinkConfig",
+           "training_free_table", "ProbeModels", "ablations", "coconut_lens", "probe_models", "LatentSearchModels",
+           "latent_search_models", "forced_switch", "latent_nodes", "QThinkComparison", "QThinkConfig",
            "qthink_comparison", "qthink_row", "Built", "build_or_reuse", "Phase1Config", "Phase2Config",
            "Phase3Config", "PhaseResult", "load_spans", "switch_phase1", "switch_phase2", "switch_phase3",
            "TeacherStageConfig", "teacher", "teacher_throughput"]

@@ -104,12 +104,13 @@ class BaseModelsConfig:
 
     @classmethod
     def from_params(cls, p: Mapping) -> BaseModelsConfig:
-        """Notebook 00's parameters: ``base_steps``, ``batch_size``, ``lr``, ``seed``, the task's."""
+        """Notebook 00's parameters: ``base_steps``, ``batch_size``, ``lr``, ``seed``, ``base_kinds``, the task's."""
         steps = int(p["base_steps"])
         train = TrainConfig(steps=steps, batch_size=int(p["batch_size"]), lr=float(p["lr"]),
                             warmup_steps=min(100, steps // 5), seed=int(p["seed"]), log_every=max(1, steps // 30))
+        kinds = tuple(k.strip() for k in str(p.get("base_kinds", ",".join(cls.kinds))).split(",") if k.strip())
         return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task), train=train,
-                   seed=int(p["seed"]))
+                   seed=int(p["seed"]), kinds=kinds)
 
     def base_config(self, kind: str) -> BaseConfig:
         k, markers = KINDS[kind]
@@ -171,7 +172,7 @@ def base_model(run: str, cfg: BaseModelsConfig, kind: str, *, stage: str = "base
 
 
 MAX_SCRATCH_VOCAB = 4096  # words a from-scratch word-level model is built for at most
-SCRATCH_POSITIONS = 256  # its position table (presets.build_tiny_model)
+SCRATCH_POSITIONS = 512  # its position table (presets.build_tiny_model): ProsQA's questions hold 36 facts on average
 
 
 def check_scratch_fit(task: Task, preset: Preset, max_new_tokens: int = 16) -> None:

@@ -39,8 +39,8 @@ from latentlib.training.loop import TrainConfig
 from latentlib.training.memory import saved_tensor_bytes
 
 __all__ = ["CoconutStageConfig", "CoconutRunConfig", "CoconutModel", "CoconutResults", "bracketed_base",
-           "coconut_model", "coconut_formats", "coconut_table1", "coconut_thoughts", "coconut_variants",
-           "vcr_memory", "coconut", "load_coconut_run"]
+           "coconut_model", "coconut_formats", "coconut_table1", "table1_across_tasks", "coconut_thoughts",
+           "coconut_variants", "vcr_memory", "coconut", "load_coconut_run", "TABLE1_ROWS"]
 
 STAGE = "02_curriculum"
 BASES = ("scratch", "cot", "nocot", "cot_markers", "cot_bracketed")
@@ -77,18 +77,23 @@ class CoconutStageConfig:
     uniform_prob: float = 0.3  # probability of an example at a random stage
     seed: int = 0  # data order
     bracketed_steps: int = 400  # optimizer steps of the marker format's base (from scratch)
+    formats: tuple[str, ...] = ("plain", "markers")  # formats of the main curriculum (markers: + its own base)
     baselines: tuple[str, ...] = ("plain",)  # formats in which pause-as-thought and w/o curriculum are trained
     second_c: int = 2  # a second c for the accuracy-vs-thoughts figure (0: none)
     variant_steps_per_stage: int = 20  # optimizer steps per stage of each variant (stages 1..max-1)
     variant_final_steps: int = 60  # optimizer steps of each variant's last stage
 
     def __post_init__(self):
-        if isinstance(self.baselines, (list, str)):
-            items = self.baselines.split(",") if isinstance(self.baselines, str) else self.baselines
-            object.__setattr__(self, "baselines", tuple(f for f in items if f))
-        bad = [f for f in self.baselines if f not in ("plain", "markers")]
-        if bad:
-            raise ValueError(f"baselines={self.baselines!r}: formats are 'plain' and 'markers' (comma-separated)")
+        for name in ("formats", "baselines"):
+            value = getattr(self, name)
+            if isinstance(value, (list, str)):
+                items = value.split(",") if isinstance(value, str) else value
+                object.__setattr__(self, name, tuple(f.strip() for f in items if f.strip()))
+            bad = [f for f in getattr(self, name) if f not in ("plain", "markers")]
+            if bad:
+                raise ValueError(f"{name}={getattr(self, name)!r}: formats are 'plain' and 'markers' (comma-separated)")
+        if not self.formats:
+            raise ValueError("formats=(): train the curriculum in at least one format, 'plain' or 'markers'")
 
     @classmethod
     def from_params(cls, p: Mapping) -> CoconutStageConfig:
@@ -96,13 +101,16 @@ class CoconutStageConfig:
                    c_thought=int(p["c_thought"]), max_latent_stage=int(p["max_latent_stage"]),
                    steps_per_stage=int(p["steps_per_stage"]), final_stage_steps=int(p["final_stage_steps"]),
                    batch_size=int(p["batch_size"]), lr=float(p["lr"]), uniform_prob=float(p["uniform_prob"]),
-                   seed=int(p["seed"]), bracketed_steps=int(p["bracketed_steps"]), baselines=p["baselines"],
+                   seed=int(p["seed"]), bracketed_steps=int(p["bracketed_steps"]),
+                   formats=p.get("formats", cls.formats), baselines=p["baselines"],
                    second_c=int(p["second_c"]), variant_steps_per_stage=int(p["variant_steps_per_stage"]),
                    variant_final_steps=int(p["variant_final_steps"]))
 
     def coconut(self, fmt: str, **overrides) -> CoconutConfig:
-        return CoconutConfig(format=fmt, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
-                             uniform_prob=self.uniform_prob, **overrides)
+        """The run's Coconut configuration in format ``fmt``; ``overrides`` win over the stage's
+        values (iCoT-style sets its own ``uniform_prob``)."""
+        return CoconutConfig(**{"format": fmt, "c_thought": self.c_thought, "max_latent_stage": self.max_latent_stage,
+                                "uniform_prob": self.uniform_prob, **overrides})
 
     def curriculum(self, steps: int | None = None, final: int | None = None) -> CurriculumConfig:
         return CurriculumConfig(end_stage=self.max_latent_stage, steps_per_stage=self.steps_per_stage
@@ -231,9 +239,11 @@ def bracketed_base(run: str, cfg: CoconutStageConfig, *, progress: bool = True) 
 
 def coconut_formats(run: str, cfg: CoconutStageConfig, *, progress: bool = True) -> dict[str, CoconutModel]:
     """The curriculum in the plain format (from ``cot``) and the paper's marker format (from
-    ``cot_bracketed``): ``coconut_plain`` and ``coconut_markers``, evaluated at every stage."""
-    bracketed_base(run, cfg, progress=progress)
-    return {fmt: coconut_model(run, cfg.run(fmt), f"coconut_{fmt}", progress=progress) for fmt in ("plain", "markers")}
+    ``cot_bracketed``), those of ``cfg.formats``: ``coconut_plain`` and ``coconut_markers``,
+    evaluated at every stage."""
+    if "markers" in cfg.formats:
+        bracketed_base(run, cfg, progress=progress)
+    return {fmt: coconut_model(run, cfg.run(fmt), f"coconut_{fmt}", progress=progress) for fmt in cfg.formats}
 
 
 def _row(method: str, fmt: str, table: pd.DataFrame) -> dict:
@@ -263,11 +273,13 @@ def coconut_table1(run: str, cfg: CoconutStageConfig, main: dict[str, CoconutMod
     def base(name):
         return load_trained(run, preset, _base_dir(run, name))
 
-    rows = [evaluated("CoT", "plain", *base("cot"), EvalSpec("CoT")),
-            evaluated("no-CoT", "plain", *base("nocot"), EvalSpec("no-CoT"))]
-    model, tok = base("cot_bracketed")  # every step written between the markers
-    rows.append(evaluated("CoT", "markers", model, tok, eval_spec(cfg.max_latent_stage, cfg.bracketed().coconut, tok,
-                                                                  task.format, name="CoT")))
+    budget = task.answer_budget(preset.source == "scratch")  # the whole written chain (ProsQA's sentences are long)
+    rows = [evaluated("CoT", "plain", *base("cot"), EvalSpec("CoT", max_new_tokens=budget)),
+            evaluated("no-CoT", "plain", *base("nocot"), EvalSpec("no-CoT", max_new_tokens=budget))]
+    if "markers" in cfg.formats:
+        model, tok = base("cot_bracketed")  # every step written between the markers
+        rows.append(evaluated("CoT", "markers", model, tok, eval_spec(cfg.max_latent_stage, cfg.bracketed().coconut,
+                                                                      tok, task.format, name="CoT")))
     recorded = []
     for fmt in cfg.baselines:
         baselines = {  # row -> (artifact, configs, the method's name in notebook 04's table)
@@ -294,6 +306,24 @@ def coconut_table1(run: str, cfg: CoconutStageConfig, main: dict[str, CoconutMod
     order = {m: i for i, m in enumerate(TABLE1_ROWS)}
     return pd.DataFrame(rows).sort_values(["format", "method"],
                                           key=lambda s: s.map(order) if s.name == "method" else s, ignore_index=True)
+
+
+def table1_across_tasks(tables: Mapping[str, pd.DataFrame], fmt: str = "plain") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Coconut's Table 1 with the tasks as columns: ``tables`` maps a task to its
+    :func:`coconut_table1` (its rows in format ``fmt``, where every baseline is trained).
+    Returns the long table (method, task, accuracy, visible tokens) and the wide one (a row
+    per method in the paper's order; per task its accuracy and visible tokens)."""
+    long = pd.concat([t[t.format == fmt].assign(task=task)[["method", "task", "accuracy", "visible_tokens"]]
+                      for task, t in tables.items()], ignore_index=True)
+    order = {m: i for i, m in enumerate(TABLE1_ROWS)}
+    long = long.sort_values(["method", "task"], key=lambda s: s.map(order) if s.name == "method" else s.map(
+        {t: i for i, t in enumerate(tables)}), ignore_index=True)
+    wide = long.pivot(index="method", columns="task", values=["accuracy", "visible_tokens"])
+    wide = wide.reindex([m for m in TABLE1_ROWS if m in wide.index])
+    columns = {(v, t): f"{t} {'accuracy' if v == 'accuracy' else 'visible tokens'}" for t in tables
+               for v in ("accuracy", "visible_tokens")}
+    wide = wide[list(columns)].set_axis(list(columns.values()), axis=1).reset_index()
+    return long, wide
 
 
 def coconut_thoughts(run: str, cfg: CoconutStageConfig, plain: CoconutModel, *, progress: bool = True) -> pd.DataFrame:

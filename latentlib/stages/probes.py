@@ -1,6 +1,8 @@
 """Notebook 05's inputs and its one measurement that runs the methods themselves: the
-ablations of the injected states. The other measurements are :mod:`latentlib.probes`
-functions called on the models this module loads; nothing here trains."""
+ablations of the injected states; and notebook 06's, the latent search on a graph task:
+the Coconut model forced to write after k thoughts, and its thoughts read against the
+graph's nodes. The other measurements are :mod:`latentlib.probes` functions called on the
+models this module loads; nothing here trains."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from latentlib import artifacts
 from latentlib.evaluate import evaluate
 from latentlib.injection import make_injector
 from latentlib.methods import switch as sw
@@ -15,11 +18,12 @@ from latentlib.methods.coconut import SavedCoconut, eval_spec
 from latentlib.stages.coconut import load_coconut_run
 from latentlib.presets import get_preset
 from latentlib.probes import ABLATIONS, AblatedInjector, collect_traces, lens_step_matrix, stack_thoughts
-from latentlib.stages.base import task_of
+from latentlib.stages.base import load_trained, task_of
 from latentlib.stages.switch import latest_switch_model
 from latentlib.tasks import Task, TaskConfig
 
-__all__ = ["ProbeModels", "probe_models", "ablations", "coconut_lens"]
+__all__ = ["ProbeModels", "probe_models", "ablations", "coconut_lens", "LatentSearchModels", "latent_search_models",
+           "forced_switch", "latent_nodes"]
 
 
 @dataclass
@@ -96,3 +100,77 @@ def coconut_lens(models: ProbeModels, *, batch_size: int = 250) -> tuple[dict, d
         vectors[name] = stack_thoughts(traces)
         lens[name] = lens_step_matrix(c.model, c.tokenizer, vectors[name], [list(r.steps) for r in test])
     return lens, vectors
+
+
+# ---------------------------------------------------------------------------- notebook 06: the latent search
+
+
+@dataclass
+class LatentSearchModels:
+    task: Task  # a graph task (its records carry the graph in meta)
+    base: dict  # notebook 00's models by name ("cot", "nocot"): (model, tokenizer)
+    coconut: SavedCoconut  # the last-stage Coconut model of notebook 02
+    name: str  # its row label, e.g. "Coconut (plain)"
+
+    @property
+    def max_thoughts(self) -> int:
+        """The thoughts it takes as trained (its last stage)."""
+        c = self.coconut
+        return c.config.c_thought * c.config.max_latent_stage
+
+
+def latent_search_models(run: str, model: str, task: TaskConfig, *, fmt: str = "plain") -> LatentSearchModels:
+    """The graph run's CoT and no-CoT models (notebook 00) and its Coconut model in ``fmt``
+    (notebook 02). Refuses a task whose records carry no graph (the analyses read it)."""
+    from latentlib.tasks.graph import COCONUT_GRAPH_FIELDS
+
+    preset, t = task_of(model, task)
+    missing = [f for f in (*COCONUT_GRAPH_FIELDS, "depth", "height") if f not in t.splits.test[0].meta]
+    if missing:
+        raise ValueError(f"task {t.name!r} has no graph in its records (meta lacks {', '.join(missing)}): the latent "
+                         "search is measured on graph tasks; run the notebooks with task='graph' (or 'prosqa')")
+    base = {name: load_trained(run, preset, artifacts.require_artifact(run, "base", name,
+                                                                       made_by="00_teacher_extraction.ipynb"))
+            for name in ("cot", "nocot")}
+    coconut = load_coconut_run(run, preset, f"coconut_{fmt}")
+    return LatentSearchModels(t, base, coconut, f"Coconut ({fmt})")
+
+
+def forced_switch(models: LatentSearchModels, thoughts=None, *, batch_size: int = 250) -> pd.DataFrame:
+    """What the models write, one row per problem and setting: the CoT and no-CoT models as
+    they are, and the Coconut model forced to switch to language after ``k`` thoughts for
+    each ``k`` in ``thoughts`` (default ``0 .. max_thoughts``), with the class of its output
+    (:func:`latentlib.probes.classify_output`) and whether the answer is right."""
+    from latentlib.evaluate import EvalSpec
+    from latentlib.probes import classify_output
+
+    test, fmt = models.task.splits.test, models.task.format
+    budget = models.task.answer_budget(True)
+    ks = list(range(models.max_thoughts + 1)) if thoughts is None else list(thoughts)
+    c = models.coconut
+    runs = [("CoT", 0, *models.base["cot"], EvalSpec("CoT", max_new_tokens=budget)),
+            ("no-CoT", 0, *models.base["nocot"], EvalSpec("no-CoT", max_new_tokens=budget))]
+    for k in ks:
+        if k % c.config.c_thought:
+            raise ValueError(f"{k} thoughts: with c = {c.config.c_thought} the model takes thoughts in groups of c")
+        runs.append((models.name, k, c.model, c.tokenizer,
+                     eval_spec(k // c.config.c_thought, c.config, c.tokenizer, fmt, injector=c.injector,
+                               name=models.name)))
+    frames = []
+    for label, k, model, tok, spec in runs:
+        df = evaluate(model, tok, test, spec, fmt, batch_size=batch_size, progress=False)
+        classes = [classify_output(r.meta, k, p) for r, p in zip(test, df.prediction)]
+        frames.append(df.assign(model=label, k=k if label == models.name else label, output_class=classes))
+    return pd.concat(frames, ignore_index=True)
+
+
+def latent_nodes(models: LatentSearchModels, *, batch_size: int = 250) -> pd.DataFrame:
+    """The Coconut model's thoughts on the test split (as evaluated, at its last stage) read
+    against every node of each problem's graph (:func:`latentlib.probes.thought_nodes`)."""
+    from latentlib.probes import thought_nodes
+
+    c, test, fmt = models.coconut, models.task.splits.test, models.task.format
+    spec = eval_spec(c.curriculum.last_stage, c.config, c.tokenizer, fmt, injector=c.injector, name=models.name)
+    traces = collect_traces(c.model, c.tokenizer, test, spec, fmt, capture_layers=(), batch_size=batch_size,
+                            progress=False)
+    return thought_nodes(c.model, c.tokenizer, test, stack_thoughts(traces))

@@ -1,0 +1,166 @@
+"""Where does Coconut beat written CoT on the graph task? A sweep over graph sizes and model depth.
+
+Coconut (arXiv 2412.06769, Table 1) beats CoT by 20 points on ProsQA; the embedded graph
+task (:mod:`latentlib.tasks.graph`) regrows such problems. Each sweep point trains, through
+the pipeline's own stage functions, the CoT and no-CoT base models
+(:func:`latentlib.stages.base_models`) and Coconut in the plain format
+(:func:`latentlib.stages.coconut_model`, every stage evaluated), and records their test
+accuracy, with the accuracy split by the generator's shortcut cue (the answer is usually
+the deeper candidate, :func:`latentlib.probes.cue_candidate`): a model that reads the cue
+instead of searching is right where the cue is, and wrong where it is not.
+
+    python -m benchmarks.graph_sweep point --model tiny --nodes 12 --min-path 3 --max-path 5
+    python -m benchmarks.graph_sweep report      # the table and figure of every point run so far
+
+Each point is one process and one run directory (``runs/sweep-<model>-n<nodes>-p<min>-<max>``),
+so points run side by side, and a point run again reuses what it trained (the reuse rule).
+Results: ``benchmarks/results/graph_sweep/<point>.json``, ``graph_sweep.md`` and
+``graph_sweep.png``; every point records its thread count and wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads must not spin
+
+from benchmarks.common import RESULTS, machine, set_threads  # noqa: E402
+
+OUT = RESULTS / "graph_sweep"
+
+
+def point_name(model: str, nodes: int, min_path: int, max_path: int, tag: str = "") -> str:
+    return f"sweep-{model}-n{nodes}-p{min_path}-{max_path}" + (f"-{tag}" if tag else "")
+
+
+def run_point(args) -> dict:
+    import pandas as pd
+
+    from latentlib import stages
+    from latentlib.probes import cue_accuracy
+    from latentlib.tasks import TaskConfig
+    from latentlib.training.loop import TrainConfig
+
+    threads = set_threads(args.threads)
+    name = point_name(args.model, args.nodes, args.min_path, args.max_path, args.tag)
+    task = TaskConfig(name="graph", n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+                      graph_nodes=args.nodes, graph_min_path=args.min_path, graph_max_path=args.max_path)
+    t0 = time.perf_counter()
+    base_cfg = stages.BaseModelsConfig(
+        model=args.model, task=task, kinds=("cot", "nocot"), seed=args.seed,
+        train=TrainConfig(steps=args.base_steps, batch_size=args.batch_size, lr=args.base_lr,
+                          warmup_steps=min(100, args.base_steps // 5), seed=args.seed,
+                          log_every=max(1, args.base_steps // 30)))
+    base = stages.base_models(name, base_cfg, progress=False)
+    t_base = time.perf_counter() - t0
+    coconut_cfg = stages.CoconutStageConfig(
+        model=args.model, task=task, max_latent_stage=args.max_path, steps_per_stage=args.steps_per_stage,
+        final_stage_steps=args.final_stage_steps, batch_size=args.batch_size, lr=args.lr,
+        uniform_prob=args.uniform_prob, seed=args.seed, second_c=0)
+    coconut = stages.coconut_model(name, coconut_cfg.run("plain"), "coconut_plain", progress=False)
+    seconds = time.perf_counter() - t0
+    _, t = stages.base.task_of(args.model, task)
+    test = t.splits.test
+    rows = []
+    for method, frame in [("CoT", base["cot"].evaluation), ("no-CoT", base["nocot"].evaluation),
+                          ("Coconut", coconut.per_problem)]:
+        rows.append({"method": method, "accuracy": float(frame.correct.mean()),
+                     "visible_tokens": float(frame.visible_tokens.mean()),
+                     "latent_steps": float(frame.latent_steps.mean()), **cue_accuracy(test, frame.correct)})
+    path_len = pd.Series([len(r.steps) for r in test])
+    result = {"point": name, "model": args.model, "nodes": args.nodes, "min_path": args.min_path,
+              "max_path": args.max_path, "n_train": args.n_train, "n_test": len(test),
+              "mean_question_words": float(pd.Series([len(r.question.split()) for r in test]).mean()),
+              "path_lengths": {int(k): int(v) for k, v in path_len.value_counts().sort_index().items()},
+              "budget": {"base_steps": args.base_steps, "batch_size": args.batch_size, "base_lr": args.base_lr,
+                         "steps_per_stage": args.steps_per_stage, "final_stage_steps": args.final_stage_steps,
+                         "lr": args.lr, "uniform_prob": args.uniform_prob},
+              "rows": rows, "coconut_stages": coconut.table.drop(columns=["method"], errors="ignore")
+              .to_dict("records"),
+              "seconds": {"base": t_base, "total": seconds}, "threads": threads, "machine": machine(),
+              "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
+    print(json.dumps({"point": name, "rows": rows, "seconds": result["seconds"]}, indent=1, default=float))
+    return result
+
+
+def load_points() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+
+
+def sweep_table(points: list[dict]):
+    """One row per point: size, paths, budget, and accuracy (overall and against the cue)
+    of CoT, no-CoT and Coconut."""
+    import pandas as pd
+
+    rows = []
+    for p in points:
+        row = {"model": p["model"], "nodes": p["nodes"], "paths": f"{p['min_path']}-{p['max_path']}",
+               "question_words": round(p["mean_question_words"], 1), "base_steps": p["budget"]["base_steps"],
+               "coconut_steps": p["budget"]["steps_per_stage"] * (p["max_path"] - 1) + p["budget"]["final_stage_steps"],
+               "n_test": p["n_test"]}
+        for r in p["rows"]:
+            row[r["method"]] = round(r["accuracy"], 3)
+        for r in p["rows"]:
+            row[f"{r['method']} (cue no help)"] = round(r["accuracy_cue_not_right"], 3)
+        row["Coconut - CoT"] = round(row["Coconut"] - row["CoT"], 3)
+        row["minutes"] = round(p["seconds"]["total"] / 60, 1)
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["model", "nodes", "paths"], ignore_index=True)
+
+
+def report() -> None:
+    from latentlib import plots
+
+    points = load_points()
+    if not points:
+        raise SystemExit(f"no sweep points in {OUT}: run `python -m benchmarks.graph_sweep point ...` first")
+    table = sweep_table(points)
+    cue_n = {p["point"]: p["rows"][0]["n_cue_not_right"] for p in points}
+    md = ["# Graph task: Coconut vs CoT vs no-CoT across graph sizes and depth\n",
+          f"Written {time.strftime('%Y-%m-%d %H:%M')}; threads per point: "
+          f"{sorted({p['threads'] for p in points})}. Accuracy on the test split (greedy); "
+          "'cue no help': on the test problems where the deeper candidate is not the answer or both are as deep "
+          f"({', '.join(f'{k}: {v}' for k, v in cue_n.items())} problems).\n",
+          table.to_markdown(index=False)]
+    (RESULTS / "graph_sweep.md").write_text("\n".join(md) + "\n")
+    fig = plots.graph_sweep(table)
+    fig.savefig(RESULTS / "graph_sweep.png", dpi=120, bbox_inches="tight")
+    print("\n".join(md))
+    print(f"\nwrote {RESULTS / 'graph_sweep.md'} and {RESULTS / 'graph_sweep.png'}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.graph_sweep", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    pt = sub.add_parser("point", help="train and evaluate one sweep point")
+    pt.add_argument("--model", default="tiny", help="a from-scratch preset: tiny (4 layers) or tiny-2l")
+    pt.add_argument("--nodes", type=int, default=12)
+    pt.add_argument("--min-path", type=int, default=3)
+    pt.add_argument("--max-path", type=int, default=5)
+    pt.add_argument("--n-train", type=int, default=20000)
+    pt.add_argument("--n-test", type=int, default=200)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--base-steps", type=int, default=600)
+    pt.add_argument("--batch-size", type=int, default=128)
+    pt.add_argument("--base-lr", type=float, default=3e-3)
+    pt.add_argument("--steps-per-stage", type=int, default=30)
+    pt.add_argument("--final-stage-steps", type=int, default=90)
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--uniform-prob", type=float, default=0.3)
+    pt.add_argument("--threads", type=int, default=2)
+    pt.add_argument("--tag", default="", help="a suffix of the run name (another budget at the same size)")
+    sub.add_parser("report", help="the table and figure of every point run so far")
+    args = ap.parse_args(argv)
+    if args.command == "point":
+        run_point(args)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
