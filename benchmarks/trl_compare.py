@@ -92,7 +92,7 @@ from latentlib.methods.switch import grpo
 from latentlib.presets import get_preset, load_model
 from latentlib.tasks import TaskConfig, load_task
 from latentlib.tokens import SPECIAL_TOKENS, add_special_tokens
-from latentlib.training.loop import TrainConfig, _lr_factor, trainable_parameters
+from latentlib.training.loop import TrainConfig, _lr_factor, adamw, trainable_parameters
 
 LOSS_RTOL = 1e-5  # relative difference allowed between the two losses on the same batch (float32 rounding)
 RESULT = "trl_comparison"
@@ -100,8 +100,8 @@ RESULT = "trl_comparison"
 # per model: prompts per step, G, completion length (the SWITCH card's G = 5; SmolLM2's pipeline uses 4 prompts and
 # 48 tokens per completion), SFT batch, the boost that makes <swi> likely in the blocks-on model
 SETTINGS = {
-    "tiny": {"prompts": 8, "G": 5, "length": 40, "sft_batch": 32, "lr": 1e-4, "swi_boost": 4.0},
-    "smollm2-135m": {"prompts": 4, "G": 5, "length": 48, "sft_batch": 16, "lr": 1e-4, "swi_boost": 20.0},
+    "tiny": {"prompts": 8, "G": 5, "length": 40, "sft_batch": 32, "lr": 1e-4, "swi_boost": 5.0},
+    "smollm2-135m": {"prompts": 4, "G": 5, "length": 48, "sft_batch": 16, "lr": 1e-4, "swi_boost": 1.0},
 }
 
 
@@ -145,7 +145,8 @@ def text_only(model, tok):
 def with_blocks(model, tok, boost: float):
     """The model given rows for the special tokens (initialised as
     :func:`latentlib.tokens.add_special_tokens` does: the mean row), with ``<swi>`` made
-    likely: its tied embedding row scaled up, as the tests' ``eager`` fixture does."""
+    likely: its tied embedding row, the mean row, scaled by ``boost`` (as the tests' ``eager``
+    fixture does), until completions enter blocks at a moderate rate (printed)."""
     model, tok = copy.deepcopy(model), copy.deepcopy(tok)
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -153,7 +154,7 @@ def with_blocks(model, tok, boost: float):
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
         emb[old:] = emb[:old].mean(0)
-        emb[swi] = emb[swi] * boost + emb[:old].mean(0)
+        emb[swi] = emb[:old].mean(0) * boost
     return model, tok
 
 
@@ -201,7 +202,7 @@ class OurGRPO:
             p.requires_grad_(False)
         tc = cfg.train_config()
         self.params = trainable_parameters([model])
-        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.opt = adamw(self.params, tc.lr, tc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(tc, s))
         self.last: dict = {}
 
@@ -244,7 +245,7 @@ class OurSFT:
         self.model, self.loss_fn = model, loss_fn
         tc = TrainConfig(steps=1000, batch_size=1, lr=lr, warmup_steps=0, schedule="linear")
         self.params = trainable_parameters([model])
-        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.opt = adamw(self.params, tc.lr, tc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(tc, s))
         self.cfg_clip = tc.grad_clip
 
@@ -511,38 +512,46 @@ def round_ratio(t: dict, num: str, den: str) -> dict:
 # ---------------------------------------------------------------------------- the benchmarks
 
 
-def grpo_bench(name: str, repeats: int, loss_types=("bnpo", "grpo")) -> dict:
-    s = SETTINGS[name]
+def grpo_pair(name: str, s: dict):
+    """Our Switch-GRPO side and TRL's on the same text-only model (separate copies)."""
     preset, task, base, tok = _task_and_base(name)
     base, tok = text_only(base, tok)
-    switch_cfg = switch_config(preset)
     cfg = grpo_config(s)
     records = task.splits.train
-    B = s["prompts"]
     tmp = tempfile.mkdtemp(prefix="trl-grpo-")
     # the same starting weights on both sides, separate copies (each side updates its own)
-    ours = OurGRPO(make_trainable(name, copy.deepcopy(base), tok, preset, "switch"), tok, cfg, switch_cfg, task.format)
+    ours = OurGRPO(make_trainable(name, copy.deepcopy(base), tok, preset, "switch"), tok, cfg, switch_config(preset),
+                   task.format)
     if not preset.use_lora:
         _save_for_trl(base, tok, tmp)
-    trl_model = make_trainable(name, copy.deepcopy(base), tok, preset, "switch")
-    trl = TRLGRPO(trl_model, tok, cfg, task.format, records, tmp)
+    trl = TRLGRPO(make_trainable(name, copy.deepcopy(base), tok, preset, "switch"), tok, cfg, task.format, records, tmp)
     # prompts: TRL tokenises the prompt text itself; check it gets our ids
+    B = s["prompts"]
     ours_ids = [list(encode_record(tok, r, task.format).question) for r in records[:B]]
     trl_ids = trl.trainer._tokenize_prompts([r["prompt"] for r in trl.rows[:B]])[0]
     assert [list(x) for x in trl_ids] == ours_ids, "TRL tokenises the prompts differently"
+    return preset, task, base, tok, ours, trl
 
+
+def grpo_parities(name: str, s: dict, ours: OurGRPO, trl: TRLGRPO, records, loss_types=("bnpo", "grpo")) -> dict:
     parity = {}
     for lt in loss_types:
         ours.cfg = grpo_config(s, lt)
-        trl.trainer.loss_type = {"bnpo": "bnpo", "grpo": "grpo"}[lt]
-        parity[lt] = grpo_loss_parity(ours, trl, records[:B])
-        p = parity[lt]
+        trl.trainer.loss_type = lt  # the same names: "bnpo" and "grpo" are TRL's
+        parity[lt] = p = grpo_loss_parity(ours, trl, records[:s["prompts"]])
         print(f"[{name} grpo] loss_type={lt}: ours {p['loss_ours']:.8f} TRL {p['loss_trl']:.8f} |diff| "
-              f"{p['abs_diff']:.2e} (rel {p['rel_diff']:.1e}, tolerance {LOSS_RTOL:g}), gradients rel {p['grad_rel_diff']:.1e}; "
-              f"kl {p['kl']:.2e}, clipped {p['clip_ratio']:.0%}; max |logp diff| "
+              f"{p['abs_diff']:.2e} (rel {p['rel_diff']:.1e}, tolerance {LOSS_RTOL:g}), gradients rel "
+              f"{p['grad_rel_diff']:.1e}; kl {p['kl']:.2e}, clipped {p['clip_ratio']:.0%}; max |logp diff| "
               f"{p['max_logp_diff']:.1e}, ref {p['max_ref_logp_diff']:.1e} over {p['tokens']} tokens", flush=True)
-    ours.cfg = cfg
-    trl.trainer.loss_type = cfg.loss_type
+    ours.cfg = grpo_config(s)
+    trl.trainer.loss_type = ours.cfg.loss_type
+    return parity
+
+
+def grpo_bench(name: str, repeats: int, s: dict) -> dict:
+    preset, task, base, tok, ours, trl = grpo_pair(name, s)
+    cfg, switch_cfg, records, B = ours.cfg, ours.switch_cfg, task.splits.train, s["prompts"]
+    parity = grpo_parities(name, s, ours, trl, records)
 
     blocks_model, blocks_tok = with_blocks(base, tok, s["swi_boost"])
     blocks = OurGRPO(make_trainable(name, blocks_model, blocks_tok, preset, "switch"), blocks_tok, cfg, switch_cfg,
@@ -593,7 +602,9 @@ def sft_setup(name: str, kind: str, s: dict):
     fmt = task.format
     encoded = [encode_record(tok, r, fmt) for r in task.splits.train]
     if kind == "switch":
-        cfg = switch_config(preset)
+        # "continue" positions (the paper's; SmolLM2's default): tiny's default "block" positions let <swi> and
+        # </swi> share the next token's position, which TRL cannot express, so the two would train different losses
+        cfg = sw.SwitchConfig(positions="continue")
         ids = sw.switch_ids(tok)
         # phase 1's format: the CoT with <swi> ... </swi> around spans (here every second step, text inside)
         examples = [sw.switch_segments(e, [sw.Span(i, i + 1, i % 2 == 1) for i in range(len(e.steps))], ids)
@@ -613,25 +624,34 @@ def sft_setup(name: str, kind: str, s: dict):
     return preset, base, tok, loss_fn, batches
 
 
-def sft_bench(name: str, kind: str, repeats: int) -> dict:
-    s = SETTINGS[name]
+def sft_pair(name: str, kind: str, s: dict):
     preset, base, tok, loss_fn, batches = sft_setup(name, kind, s)
     tmp = tempfile.mkdtemp(prefix="trl-sft-")
     ours = OurSFT(make_trainable(name, copy.deepcopy(base), tok, preset, kind), loss_fn, s["lr"])
     rows = [r for b in batches for r in sft_rows(b)]
     trl = TRLSFT(make_trainable(name, copy.deepcopy(base), tok, preset, kind), tok, rows, s["sft_batch"], s["lr"],
                  tmp)
-    B = s["sft_batch"]
-    # the loss at step 0, same weights and the same examples
+    return preset, ours, trl, batches
+
+
+def sft_loss_parity(ours: OurSFT, trl: TRLSFT, batch: dict, B: int) -> dict:
+    """The step-0 loss of both on the same examples and weights (TRL collates them itself)."""
     with torch.no_grad():
         ours.model.train()
-        our_loss = float(loss_fn(ours.model, batches[0])[0])
+        our_loss = float(ours.loss_fn(ours.model, batch)[0])
         b0, n0 = trl.batch(range(B))
         trl.trainer.model.train()
         trl_loss = float(trl.trainer.compute_loss(trl.trainer.model, dict(b0), num_items_in_batch=n0))
     diff = abs(our_loss - trl_loss)
-    parity = {"loss_ours": our_loss, "loss_trl": trl_loss, "abs_diff": diff, "rel_diff": diff / abs(trl_loss),
-              "tolerance_rel": LOSS_RTOL, "tokens": int(n0)}
+    return {"loss_ours": our_loss, "loss_trl": trl_loss, "abs_diff": diff, "rel_diff": diff / abs(trl_loss),
+            "tolerance_rel": LOSS_RTOL, "tokens": int(n0)}
+
+
+def sft_bench(name: str, kind: str, repeats: int, s: dict) -> dict:
+    preset, ours, trl, batches = sft_pair(name, kind, s)
+    B = s["sft_batch"]
+    parity = sft_loss_parity(ours, trl, batches[0], B)
+    our_loss, trl_loss, diff = parity["loss_ours"], parity["loss_trl"], parity["abs_diff"]
     print(f"[{name} sft {kind}] step-0 loss: ours {our_loss:.8f} TRL {trl_loss:.8f} |diff| {diff:.2e} "
           f"(rel {parity['rel_diff']:.1e}, tolerance {LOSS_RTOL:g})", flush=True)
     trl_batches = [trl.batch(range(i * B, (i + 1) * B)) for i in range(len(batches))]
@@ -664,11 +684,21 @@ def _rss_kb(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def memory_child(name: str, candidate: str) -> dict:
+def settings(name: str, overrides: str = "") -> dict:
+    """The model's :data:`SETTINGS` with ``key=value,...`` overrides (e.g. ``length=24,prompts=2``)."""
+    s = dict(SETTINGS[name])
+    for kv in filter(None, overrides.split(",")):
+        k, v = kv.split("=")
+        if k not in s:
+            raise SystemExit(f"--set {k}: not a setting; use one of {', '.join(s)}")
+        s[k] = type(s[k])(v)
+    return s
+
+
+def memory_child(name: str, candidate: str, s: dict) -> dict:
     """Runs in a fresh process: builds one candidate, one warm-up step, then the peak resident
     set over two steps (high-water mark reset before them)."""
     set_threads()
-    s = SETTINGS[name]
     if candidate.startswith("grpo"):
         preset, task, base, tok = _task_and_base(name)
         base, tok = text_only(base, tok)
@@ -711,10 +741,11 @@ def memory_child(name: str, candidate: str) -> dict:
             "step_peak_above_resident_mb": (peak - before) / 1024, "threads": torch.get_num_threads()}
 
 
-def memory_bench(name: str, candidates: list[str]) -> list[dict]:
+def memory_bench(name: str, candidates: list[str], overrides: str = "") -> list[dict]:
     rows = []
     for c in candidates:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.trl_compare", "--memory-child", c, "--models", name],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.trl_compare", "--memory-child", c, "--models", name,
+                              "--set", overrides],
                              capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("MEMORY ")]
         if out.returncode or not line:
@@ -735,11 +766,13 @@ def main(argv=None):
     ap.add_argument("--models", default="tiny,smollm2-135m")
     ap.add_argument("--parts", default="grpo,sft,memory")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--set", default="", help="override settings of every model, e.g. length=24,prompts=2")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     require_trl()
     if args.memory_child:
-        print("MEMORY " + json.dumps(memory_child(args.models, args.memory_child)), flush=True)
+        s = settings(args.models, args.set)
+        print("MEMORY " + json.dumps(memory_child(args.models, args.memory_child, s)), flush=True)
         return None
     threads = set_threads()
     import trl
@@ -752,19 +785,21 @@ def main(argv=None):
     path = Path(__file__).resolve().parent / "results" / f"{RESULT}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     out = {"grpo": [], "sft": [], "memory": []}
+    used = {}
     for name in args.models.split(","):
+        s = used[name] = settings(name, args.set)
         if "grpo" in parts:
-            out["grpo"].append(grpo_bench(name, args.repeats))
+            out["grpo"].append({**grpo_bench(name, args.repeats, s), "settings": s})
         if "sft" in parts:
-            out["sft"] += [sft_bench(name, k, args.repeats) for k in ("switch", "coconut")]
+            out["sft"] += [{**sft_bench(name, k, args.repeats, s), "settings": s} for k in ("switch", "coconut")]
         if "memory" in parts:
-            out["memory"] += memory_bench(name, MEMORY_PAIRS)
+            out["memory"] += [{**r, "settings": s} for r in memory_bench(name, MEMORY_PAIRS, args.set)]
     # keep the other models' / parts' rows of an earlier run
     for part, rows in out.items():
         done = {r["model"] for r in rows}
         out[part] = [r for r in old.get(part, []) if r["model"] not in done] + rows
     save(RESULT, {**out, "versions": {"trl": trl.__version__, "transformers": transformers.__version__},
-                  "settings": SETTINGS, "loss_rtol": LOSS_RTOL, "targets": {"ours_vs_trl": 1.0},
+                  "default_settings": SETTINGS, "loss_rtol": LOSS_RTOL, "targets": {"ours_vs_trl": 1.0},
                   "seconds": time.perf_counter() - t0})
     return out
 
