@@ -135,7 +135,7 @@ def summary() -> str:
                          f"{r['median_s']['trl']:.3f} | {_ok(r['ours_vs_trl']['median'], 1.0, False)} | "
                          f"{r['loss_parity']['rel_diff']:.1e} ({d['loss_rtol']:g}) |")
         if d.get("memory"):
-            lines.append("\nPeak resident memory, one fresh process per candidate (peak over two steps after a "
+            lines.append("\nPeak resident memory, one fresh process per candidate (peak over one step after a "
                          "warm-up step; above: what the step adds to the resident set before it):\n")
             lines.append("| model | candidate | peak MB | step peak above resident MB |\n|---|---|---|---|")
             lines += [f"| {r['model']} | {r['candidate']} | {r['peak_mb']:.0f} | "

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, interleaved, save, set_threads
+from benchmarks.common import RESULTS, interleaved, paired_ratio, save, set_threads
 from latentlib.batching import collate, cot_segments, encode_record
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer
 from latentlib.recurrence import latent_forward
@@ -119,6 +119,7 @@ def pair_row(t: dict, cot: dict, last: dict) -> dict:
     return {"batch": int(cot["input_ids"].shape[0]), "length": int(cot["input_ids"].shape[1]), "thoughts": thoughts,
             "cot_ms": cot_s * 1000, "coconut_ms": coc_s * 1000, "time_vs_cot": coc_s / cot_s,
             "cot_median_ms": t["cot"]["median_s"] * 1000, "coconut_median_ms": t["coconut"]["median_s"] * 1000,
+            "paired_time_vs_cot": paired_ratio(t, "coconut", "cot"),
             "median_time_vs_cot": t["coconut"]["median_s"] / t["cot"]["median_s"],
             "extra_ms_per_thought_pass": (coc_s - cot_s) * 1000 / max(thoughts, 1)}
 
@@ -205,7 +206,7 @@ def crossover(rows: list[dict], target: float = 1.3) -> dict:
     towards ``1 + n b / c1``; it reaches ``target`` at ``B* = (n a - (target - 1) c0) /
     ((target - 1) c1 - n b)`` if that limit is below ``target`` (else never). Also the
     measured crossing: the batch, interpolated on a log scale between the two measured batches
-    whose median ratios straddle ``target``."""
+    whose ratios (medians of the per-round ratios) straddle ``target``."""
     import numpy as np
 
     out = {}
@@ -219,7 +220,7 @@ def crossover(rows: list[dict], target: float = 1.3) -> dict:
         b, a = np.polyfit(B, (coc - cot) / n, 1)
         limit = 1 + n * b / c1
         fitted = (n * a - (target - 1) * c0) / ((target - 1) * c1 - n * b) if limit < target else float("inf")
-        ratios = [r["median_time_vs_cot"] for r in pts]
+        ratios = [r.get("paired_time_vs_cot", r["median_time_vs_cot"]) for r in pts]
         measured = None
         if ratios[0] <= target:
             measured = float(B[0])
@@ -371,6 +372,13 @@ def curve_main(argv=None):
                 _print_sweep(sweep[-1])
     cross = crossover(sweep)
     print_crossover(cross)
+    path = RESULTS / "coconut_cost_curve.json"
+    if path.exists():  # keep the other models' rows of an earlier run
+        import json
+
+        done = {r["model"] for r in sweep}
+        sweep = [r for r in json.loads(path.read_text())["sweep"] if r["model"] not in done] + sweep
+        cross = crossover(sweep)
     sweep_figure(sweep, RESULTS / "coconut_cost_curve.png")
     save("coconut_cost_curve", {"c": args.c, "sweep": sweep, "crossover": cross, "target": 1.3,
                                 "seconds": time.perf_counter() - t0})
@@ -379,7 +387,8 @@ def curve_main(argv=None):
 
 def _print_sweep(r: dict) -> None:
     print(f"  {r['model']:<13} batch {r['batch']:4d}: CoT {r['cot_ms']:7.1f} ms, Coconut {r['coconut_ms']:7.1f} ms, "
-          f"{r['time_vs_cot']:.2f}x (median of runs {r['median_time_vs_cot']:.2f}x); "
+          f"{r['time_vs_cot']:.2f}x (median of runs {r['median_time_vs_cot']:.2f}x, of rounds "
+          f"{r.get('paired_time_vs_cot', float('nan')):.2f}x); "
           f"{r['extra_ms_per_thought_pass']:.1f} ms extra per thought pass", flush=True)
 
 

@@ -58,7 +58,7 @@ which rotary embeddings make a rounding difference).
 
 **Peak memory**: each candidate runs in its own fresh process (the parent starts one per
 candidate), one warm-up step allocates the optimizer state, then the peak resident set
-over two more steps is read after resetting the kernel's high-water mark
+over the next step is read after resetting the kernel's high-water mark
 (``/proc/self/clear_refs``); reported as the peak and as the peak above the resident set
 before the steps (what a step needs on top of model, optimizer state and libraries).
 
@@ -101,7 +101,7 @@ RESULT = "trl_comparison"
 # 48 tokens per completion), SFT batch, the boost that makes <swi> likely in the blocks-on model
 SETTINGS = {
     "tiny": {"prompts": 8, "G": 5, "length": 40, "sft_batch": 32, "lr": 1e-4, "swi_boost": 5.0},
-    "smollm2-135m": {"prompts": 4, "G": 5, "length": 48, "sft_batch": 16, "lr": 1e-4, "swi_boost": 1.0},
+    "smollm2-135m": {"prompts": 4, "G": 5, "length": 48, "sft_batch": 16, "lr": 1e-4, "swi_boost": 2.5},
 }
 
 
@@ -403,13 +403,21 @@ def perturb_(model, seed: int = 0, scale: float = 0.05) -> dict:
     LoRA's zero B), the same on any copy; returns the state to restore. So that the policy
     differs from the reference (non-zero KL) and from the rollout (ratios away from 1)."""
     g = torch.Generator().manual_seed(seed)
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved = {}
     with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
+        for k, p in sorted(model.named_parameters()):
             if p.requires_grad:
+                saved[k] = p.detach().clone()
                 spread = float(p.std()) if p.numel() > 1 else 0.0
                 p.add_(torch.randn(p.shape, generator=g) * (scale * spread if spread > 0 else 0.01))
     return saved
+
+
+def restore_(model, saved: dict) -> None:
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if k in saved:
+                p.copy_(saved[k])
 
 
 def _grads(model) -> dict:
@@ -421,7 +429,8 @@ def grpo_loss_parity(ours: OurGRPO, trl: TRLGRPO, records) -> dict:
     the same weights on both sides. At the starting point the loss is trivially about 0 (ratio
     1, policy = reference), so both policies are first moved by the same perturbation
     (:func:`perturb_`) and the rollout's log-probs shifted by a fixed pattern: ratios then
-    spread over about [0.7, 1.4] (the clip acts) and the KL term is non-zero."""
+    spread over about [0.7, 1.4] (the clip acts) and the KL term is non-zero. The advantages
+    are a fixed pattern (see below)."""
     torch.manual_seed(1234)
     ours.model.train()
     batch = ours.make_batch(records)
@@ -432,6 +441,9 @@ def grpo_loss_parity(ours: OurGRPO, trl: TRLGRPO, records) -> dict:
     assert torch.equal(valid.bool(), batch["completion_mask"]), "text-only completions: every valid token has a loss"
     shift = 0.2 * torch.sin(torch.arange(valid.numel(), dtype=torch.float)).view(valid.shape)
     batch["old_logps"] = batch["old_logps"] + shift
+    # fixed advantages in [-1, 1]: the policy-gradient term is exercised whatever the rewards (an untrained
+    # SmolLM2 earns none, so its group advantages are all 0); both sides get the same ones
+    batch["advantages"] = torch.sin(1.3 * torch.arange(valid.shape[0], dtype=torch.float))
     inputs = {"prompt_ids": batch["input_ids"][:, :P], "prompt_mask": batch["attention_mask"][:, :P],
               "completion_ids": batch["input_ids"][:, P:], "completion_mask": valid.long(),
               "advantages": batch["advantages"], "old_per_token_logps": batch["old_logps"],
@@ -441,10 +453,12 @@ def grpo_loss_parity(ours: OurGRPO, trl: TRLGRPO, records) -> dict:
     with torch.no_grad():  # each side's own reference log-probs
         if trainer.ref_model is not None:
             ref_trl = trainer._get_per_token_logps_and_entropies(trainer.ref_model, ids, mask, S)[0]
-        else:  # PEFT: TRL's reference is the model with its adapter disabled
+        else:  # PEFT: TRL's reference is the model with the starting adapter
             from trl.trainer.utils import use_adapter
 
-            with use_adapter(trainer.accelerator.unwrap_model(trainer.model), adapter_name=None):
+            peft_model = trainer.accelerator.unwrap_model(trainer.model)
+            # TRL's own choice: a copy of the starting adapter named "ref" when the model came with one
+            with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
                 ref_trl = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, S)[0]
     inputs["ref_per_token_logps"] = ref_trl
     saved_ours, saved_trl = perturb_(ours.model), perturb_(trainer.model)
@@ -464,8 +478,8 @@ def grpo_loss_parity(ours: OurGRPO, trl: TRLGRPO, records) -> dict:
                                               temperature=ours.cfg.temperature)
             trl_logps = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, S)[0]
     finally:
-        ours.model.load_state_dict(saved_ours)
-        trainer.model.load_state_dict(saved_trl)
+        restore_(ours.model, saved_ours)
+        restore_(trainer.model, saved_trl)
         ours.model.zero_grad(set_to_none=True)
         trainer.model.zero_grad(set_to_none=True)
     m = valid.bool()
@@ -520,11 +534,12 @@ def grpo_pair(name: str, s: dict):
     records = task.splits.train
     tmp = tempfile.mkdtemp(prefix="trl-grpo-")
     # the same starting weights on both sides, separate copies (each side updates its own)
-    ours = OurGRPO(make_trainable(name, copy.deepcopy(base), tok, preset, "switch"), tok, cfg, switch_config(preset),
-                   task.format)
     if not preset.use_lora:
         _save_for_trl(base, tok, tmp)
-    trl = TRLGRPO(make_trainable(name, copy.deepcopy(base), tok, preset, "switch"), tok, cfg, task.format, records, tmp)
+    trainable = make_trainable(name, copy.deepcopy(base), tok, preset, "switch")  # once: LoRA's initialisation is random
+    ours = OurGRPO(copy.deepcopy(trainable), tok, cfg, switch_config(preset), task.format)
+    trl = TRLGRPO(copy.deepcopy(trainable), tok, cfg, task.format, records, tmp)
+    del trainable
     # prompts: TRL tokenises the prompt text itself; check it gets our ids
     B = s["prompts"]
     ours_ids = [list(encode_record(tok, r, task.format).question) for r in records[:B]]
@@ -627,10 +642,11 @@ def sft_setup(name: str, kind: str, s: dict):
 def sft_pair(name: str, kind: str, s: dict):
     preset, base, tok, loss_fn, batches = sft_setup(name, kind, s)
     tmp = tempfile.mkdtemp(prefix="trl-sft-")
-    ours = OurSFT(make_trainable(name, copy.deepcopy(base), tok, preset, kind), loss_fn, s["lr"])
+    trainable = make_trainable(name, copy.deepcopy(base), tok, preset, kind)  # once: LoRA's initialisation is random
+    ours = OurSFT(copy.deepcopy(trainable), loss_fn, s["lr"])
     rows = [r for b in batches for r in sft_rows(b)]
-    trl = TRLSFT(make_trainable(name, copy.deepcopy(base), tok, preset, kind), tok, rows, s["sft_batch"], s["lr"],
-                 tmp)
+    trl = TRLSFT(copy.deepcopy(trainable), tok, rows, s["sft_batch"], s["lr"], tmp)
+    del trainable
     return preset, ours, trl, batches
 
 
@@ -697,7 +713,7 @@ def settings(name: str, overrides: str = "") -> dict:
 
 def memory_child(name: str, candidate: str, s: dict) -> dict:
     """Runs in a fresh process: builds one candidate, one warm-up step, then the peak resident
-    set over two steps (high-water mark reset before them)."""
+    set over the next step (high-water mark reset before it)."""
     set_threads()
     if candidate.startswith("grpo"):
         preset, task, base, tok = _task_and_base(name)
@@ -710,13 +726,13 @@ def memory_child(name: str, candidate: str, s: dict) -> dict:
             if not preset.use_lora:
                 _save_for_trl(base, tok, tmp)
             side = TRLGRPO(make_trainable(name, base, tok, preset, "switch"), tok, cfg, task.format, records, tmp)
-            steps = [lambda i=i: side.step(range(i * B, (i + 1) * B)) for i in range(3)]
+            steps = [lambda i=i: side.step(range(i * B, (i + 1) * B)) for i in range(2)]
         else:
             if candidate == "grpo_ours_blocks":
                 base, tok = with_blocks(base, tok, s["swi_boost"])
             side = OurGRPO(make_trainable(name, base, tok, preset, "switch"), tok, cfg, switch_config(preset),
                            task.format)
-            steps = [lambda i=i: side.step(records[i * B:(i + 1) * B]) for i in range(3)]
+            steps = [lambda i=i: side.step(records[i * B:(i + 1) * B]) for i in range(2)]
     else:
         kind = "switch" if "switch" in candidate else "coconut"
         preset, base, tok, loss_fn, batches = sft_setup(name, kind, s)
@@ -725,11 +741,11 @@ def memory_child(name: str, candidate: str, s: dict) -> dict:
             tmp = tempfile.mkdtemp(prefix="trl-mem-")
             side = TRLSFT(model, tok, [r for b in batches for r in sft_rows(b)], s["sft_batch"], s["lr"], tmp)
             B = s["sft_batch"]
-            tb = [side.batch(range(i * B, (i + 1) * B)) for i in range(3)]
-            steps = [lambda i=i: side.step(tb[i]) for i in range(3)]
+            tb = [side.batch(range(i * B, (i + 1) * B)) for i in range(2)]
+            steps = [lambda i=i: side.step(tb[i]) for i in range(2)]
         else:
             side = OurSFT(model, loss_fn, s["lr"])
-            steps = [lambda i=i: side.step(batches[i]) for i in range(3)]
+            steps = [lambda i=i: side.step(batches[i]) for i in range(2)]
     torch.manual_seed(0)
     steps[0]()  # allocates the optimizer state
     before = _rss_kb("VmRSS")
