@@ -24,7 +24,7 @@ def set_threads(n: int | None = None) -> int:
 
 def interleaved(fns: dict[str, callable], repeats: int = 5, warmup: int = 1) -> dict[str, dict]:
     """Times each function ``repeats`` times, interleaving them (A B A B ...) so that load
-    from other processes hits all of them alike. Returns min and median seconds."""
+    from other processes hits all of them alike. Returns min and median seconds, and every time."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -34,7 +34,15 @@ def interleaved(fns: dict[str, callable], repeats: int = 5, warmup: int = 1) -> 
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: {"min_s": min(v), "median_s": statistics.median(v), "runs": len(v)} for k, v in times.items()}
+    return {k: {"min_s": min(v), "median_s": statistics.median(v), "runs": len(v), "times_s": v}
+            for k, v in times.items()}
+
+
+def paired_ratio(t: dict, num: str, den: str) -> float:
+    """Median over rounds of ``num``'s time over ``den``'s in the same round of
+    :func:`interleaved` (two runs made back to back), which load spikes bias less than a
+    ratio of minima or of medians."""
+    return statistics.median(a / b for a, b in zip(t[num]["times_s"], t[den]["times_s"]))
 
 
 def machine() -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from benchmarks import coconut_reference, engine, grpo, training
+from benchmarks import coconut_reference, engine, grpo, training, trl_compare
 from benchmarks.common import RESULTS, ROOT, machine, set_threads
 
 
@@ -97,6 +97,49 @@ def summary() -> str:
             lines.append(f"| {r['G']} x {r['prompts']} | {r['rollout_s'] * 1000:.0f} | {r['reference_s'] * 1000:.0f} | "
                          f"{r['policy_loss_s'] * 1000:.0f} | {r['rollout_fraction']:.0%} | "
                          f"{r['batched_speedup']:.1f}x faster |")
+    p = RESULTS / "coconut_cost_curve.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        lines.append("\n## Coconut/CoT step ratio as a curve of the batch (`coconut_cost_curve.png`)\n")
+        lines.append("| model | batches | median ratios | within 1.3x above batch (measured / fitted) | "
+                     "fixed ms per thought pass | extra us per row per pass | CoT ms per row | ratio's limit |\n"
+                     "|---|---|---|---|---|---|---|---|")
+        for name, c in d["crossover"].items():
+            fit = f"{c['fitted_crossover_batch']:.0f}" if c["fitted_crossover_batch"] is not None else "never"
+            meas = f"{c['measured_crossover_batch']:.0f}" if c["measured_crossover_batch"] is not None else "not reached"
+            lines.append(f"| {name} | {' / '.join(map(str, c['batches']))} | "
+                         f"{' / '.join(f'{x:.2f}' for x in c['median_ratios'])} | {meas} / {fit} | "
+                         f"{c['fixed_ms_per_pass']:.1f} | {c['extra_ms_per_row_per_pass'] * 1000:.0f} | "
+                         f"{c['cot_ms_per_row']:.2f} | {c['limit_ratio']:.2f} |")
+    p = RESULTS / "trl_comparison.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        lines.append(f"\n## Against TRL {d['versions']['trl']} (ratios are medians of per-round ratios, "
+                     "interleaved in one process)\n")
+        lines.append("| step | model | setting | threads | ours s | TRL s | ours / TRL | loss rel. diff (tol.) |"
+                     "\n|---|---|---|---|---|---|---|---|")
+        for r in d.get("grpo", []):
+            par = max(v["rel_diff"] for v in r["loss_parity"].values())
+            lines.append(f"| Switch-GRPO, text only | {r['model']} | G={r['G']} x {r['prompts']} prompts, "
+                         f"{r['max_completion_length']} tokens, {r['trainable']} | {r['threads']} | "
+                         f"{r['median_s']['ours']:.2f} | {r['median_s']['trl']:.2f} | "
+                         f"{_ok(r['ours_vs_trl']['median'], 1.0, False)} | {par:.1e} ({d['loss_rtol']:g}) |")
+            lines.append(f"| Switch-GRPO with SWITCH blocks | {r['model']} | "
+                         f"{r['last']['ours_blocks']['latent_steps']:.1f} latent steps per completion | "
+                         f"{r['threads']} | {r['median_s']['ours_blocks']:.2f} | | "
+                         f"{r['blocks_vs_text']['median']:.2f}x our text-only step, "
+                         f"{r['blocks_vs_trl']['median']:.2f}x TRL's | |")
+        for r in d.get("sft", []):
+            lines.append(f"| {r['phase']} SFT | {r['model']} | batch {r['batch']}, {r['length']} tokens, "
+                         f"{r['trainable']} | {r['threads']} | {r['median_s']['ours']:.3f} | "
+                         f"{r['median_s']['trl']:.3f} | {_ok(r['ours_vs_trl']['median'], 1.0, False)} | "
+                         f"{r['loss_parity']['rel_diff']:.1e} ({d['loss_rtol']:g}) |")
+        if d.get("memory"):
+            lines.append("\nPeak resident memory, one fresh process per candidate (peak over one step after a "
+                         "warm-up step; above: what the step adds to the resident set before it):\n")
+            lines.append("| model | candidate | peak MB | step peak above resident MB |\n|---|---|---|---|")
+            lines += [f"| {r['model']} | {r['candidate']} | {r['peak_mb']:.0f} | "
+                      f"{r['step_peak_above_resident_mb']:.0f} |" for r in d["memory"]]
     p = ROOT / "reports" / "tiny" / "pipeline.json"
     if p.exists():
         d = json.loads(p.read_text())
@@ -114,6 +157,13 @@ def main():
     coconut_reference.main([])
     training.main([])
     grpo.main([])
+    training.curve_main([])
+    try:
+        import trl  # noqa: F401  (the bench extra)
+
+        trl_compare.main([])
+    except ImportError:
+        print("skipped the TRL comparison: install the bench extra (`.venv/bin/pip install -e '.[bench]'`)")
     (RESULTS / "summary.md").write_text(summary())
     print(f"wrote {RESULTS / 'summary.md'}")
 

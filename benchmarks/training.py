@@ -28,11 +28,12 @@ Where the extra time of a Coconut step goes, measured rather than assumed:
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
 
-from benchmarks.common import RESULTS, interleaved, save, set_threads
+from benchmarks.common import RESULTS, interleaved, paired_ratio, save, set_threads
 from latentlib.batching import collate, cot_segments, encode_record
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer
 from latentlib.recurrence import latent_forward
@@ -117,6 +118,8 @@ def pair_row(t: dict, cot: dict, last: dict) -> dict:
     cot_s, coc_s = t["cot"]["min_s"], t["coconut"]["min_s"]
     return {"batch": int(cot["input_ids"].shape[0]), "length": int(cot["input_ids"].shape[1]), "thoughts": thoughts,
             "cot_ms": cot_s * 1000, "coconut_ms": coc_s * 1000, "time_vs_cot": coc_s / cot_s,
+            "cot_median_ms": t["cot"]["median_s"] * 1000, "coconut_median_ms": t["coconut"]["median_s"] * 1000,
+            "paired_time_vs_cot": paired_ratio(t, "coconut", "cot"),
             "median_time_vs_cot": t["coconut"]["median_s"] / t["cot"]["median_s"],
             "extra_ms_per_thought_pass": (coc_s - cot_s) * 1000 / max(thoughts, 1)}
 
@@ -190,6 +193,57 @@ def profile_split(model, batches: dict[str, dict], steps: int = 3) -> dict[str, 
                 split["op_calls"] += e.count // steps
         out[name] = split
     return out
+
+
+def crossover(rows: list[dict], target: float = 1.3) -> dict:
+    """Where the Coconut/CoT ratio crosses ``target`` as the batch grows, per model, and what
+    sets it. Two straight lines in the batch ``B`` are fitted by least squares to the sweep's
+    median step times: CoT ``c0 + c1 B`` and the extra of Coconut over it, per thought pass,
+    ``a + b B`` (``a``: the fixed cost of one pass, paid whatever its rows: kernel launches,
+    transformers' per-call work, autograd nodes; ``b``: its cost per row beyond what the
+    same rows cost in the CoT pass). With ``n`` thought passes the ratio is
+    ``1 + n (a + b B) / (c0 + c1 B)``: it falls with ``B`` while the fixed cost dominates,
+    towards ``1 + n b / c1``; it reaches ``target`` at ``B* = (n a - (target - 1) c0) /
+    ((target - 1) c1 - n b)`` if that limit is below ``target`` (else never). Also the
+    measured crossing: the batch, interpolated on a log scale between the two measured batches
+    whose ratios (medians of the per-round ratios) straddle ``target``."""
+    import numpy as np
+
+    out = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        pts = sorted((r for r in rows if r["model"] == name), key=lambda r: r["batch"])
+        B = np.array([r["batch"] for r in pts], float)
+        cot = np.array([r.get("cot_median_ms", r["cot_ms"]) for r in pts])
+        coc = np.array([r.get("coconut_median_ms", r["coconut_ms"]) for r in pts])
+        n = max(r["thoughts"] for r in pts)
+        c1, c0 = np.polyfit(B, cot, 1)
+        b, a = np.polyfit(B, (coc - cot) / n, 1)
+        limit = 1 + n * b / c1
+        fitted = (n * a - (target - 1) * c0) / ((target - 1) * c1 - n * b) if limit < target else float("inf")
+        ratios = [r.get("paired_time_vs_cot", r["median_time_vs_cot"]) for r in pts]
+        measured = None
+        if ratios[0] <= target:
+            measured = float(B[0])
+        for i in range(1, len(pts)):
+            if measured is None and ratios[i - 1] > target >= ratios[i]:
+                f = (ratios[i - 1] - target) / (ratios[i - 1] - ratios[i])
+                measured = float(np.exp(np.log(B[i - 1]) + f * (np.log(B[i]) - np.log(B[i - 1]))))
+        out[name] = {"thought_passes": int(n), "fixed_ms_per_pass": float(a), "extra_ms_per_row_per_pass": float(b),
+                     "cot_fixed_ms": float(c0), "cot_ms_per_row": float(c1), "limit_ratio": float(limit),
+                     "fitted_crossover_batch": float(max(fitted, 0.0)) if math.isfinite(fitted) else None,
+                     "measured_crossover_batch": measured, "target": target,
+                     "batches": [int(x) for x in B], "median_ratios": ratios}
+    return out
+
+
+def print_crossover(cross: dict) -> None:
+    for name, c in cross.items():
+        fit = f"{c['fitted_crossover_batch']:.0f}" if c["fitted_crossover_batch"] is not None else "never"
+        meas = f"{c['measured_crossover_batch']:.0f}" if c["measured_crossover_batch"] is not None else "not reached"
+        print(f"  {name}: Coconut within {c['target']}x CoT above batch {meas} (measured), {fit} (fitted); "
+              f"each of the {c['thought_passes']} thought passes costs {c['fixed_ms_per_pass']:.1f} ms fixed + "
+              f"{c['extra_ms_per_row_per_pass'] * 1000:.0f} us per row over CoT, against CoT's "
+              f"{c['cot_ms_per_row']:.2f} ms per row: the ratio tends to {c['limit_ratio']:.2f}", flush=True)
 
 
 def sweep_figure(rows: list[dict], path) -> None:
@@ -272,17 +326,69 @@ def main(argv=None):
     for r in gemm:
         print(f"  {r['model']} {r['in_features']}x{r['out_features']} products with {r['rows']:5d} rows: "
               f"{r['us_per_row']:.2f} us per row", flush=True)
+    cross = {}
     if sweep:
         sweep_figure(sweep, RESULTS / "coconut_cost_vs_batch.png")
+        cross = crossover(sweep)
+        print_crossover(cross)
     print(f"({time.perf_counter() - t0:.0f} s)")
     save("coconut_training_cost", {"batch": args.batch, "c": args.c, "rows": rows, "real_model": real,
-                                   "profile": split, "sweep": sweep, "gemm_rows": gemm, "attention_rows": attention,
-                                   "targets": {"time_vs_cot": 1.3, "memory_vs_cot": 1.5}})
+                                   "profile": split, "sweep": sweep, "crossover": cross, "gemm_rows": gemm,
+                                   "attention_rows": attention, "targets": {"time_vs_cot": 1.3, "memory_vs_cot": 1.5}})
+
+
+CURVE_BATCHES = {"tiny": (8, 16, 32, 64, 128, 256, 512), "smollm2-135m": (2, 4, 8, 16, 32)}
+
+
+def curve_main(argv=None):
+    """Only the ratio as a curve of the batch, denser than the full run's sweep, and where it
+    crosses 1.3x (:func:`crossover`): ``coconut_cost_curve.json`` and ``coconut_cost_curve.png``.
+
+        python -m benchmarks.training --curve [--models tiny,smollm2-135m] [--repeats 5]
+    """
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--curve", action="store_true")
+    ap.add_argument("--models", default="tiny,smollm2-135m")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--c", type=int, default=1)
+    args = ap.parse_args(argv)
+    threads = set_threads()
+    t0 = time.perf_counter()
+    print(f"threads: {threads}; Coconut last stage vs CoT as the batch grows", flush=True)
+    sweep = []
+    for name in args.models.split(","):
+        if name == "tiny":
+            for b in CURVE_BATCHES[name]:
+                sweep.append({"model": "tiny", **pair_cost(*setup(b, args.c), args.repeats)})
+                _print_sweep(sweep[-1])
+        else:
+            from latentlib.presets import load_model
+
+            model, tok = load_model(name)
+            add_special_tokens(model, tok)
+            model.train()
+            for b in CURVE_BATCHES[name]:
+                sweep.append({"model": name, **pair_cost(model, *real_batches(b, 48, 6), max(2, args.repeats - 2))})
+                _print_sweep(sweep[-1])
+    cross = crossover(sweep)
+    print_crossover(cross)
+    path = RESULTS / "coconut_cost_curve.json"
+    if path.exists():  # keep the other models' rows of an earlier run
+        import json
+
+        done = {r["model"] for r in sweep}
+        sweep = [r for r in json.loads(path.read_text())["sweep"] if r["model"] not in done] + sweep
+        cross = crossover(sweep)
+    sweep_figure(sweep, RESULTS / "coconut_cost_curve.png")
+    save("coconut_cost_curve", {"c": args.c, "sweep": sweep, "crossover": cross, "target": 1.3,
+                                "seconds": time.perf_counter() - t0})
+    return sweep, cross
 
 
 def _print_sweep(r: dict) -> None:
     print(f"  {r['model']:<13} batch {r['batch']:4d}: CoT {r['cot_ms']:7.1f} ms, Coconut {r['coconut_ms']:7.1f} ms, "
-          f"{r['time_vs_cot']:.2f}x (median of runs {r['median_time_vs_cot']:.2f}x); "
+          f"{r['time_vs_cot']:.2f}x (median of runs {r['median_time_vs_cot']:.2f}x, of rounds "
+          f"{r.get('paired_time_vs_cot', float('nan')):.2f}x); "
           f"{r['extra_ms_per_thought_pass']:.1f} ms extra per thought pass", flush=True)
 
 
@@ -335,4 +441,6 @@ def real_model_cost(repeats: int, batch: int = 8, length: int = 48, thoughts: in
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    curve_main() if "--curve" in sys.argv else main()

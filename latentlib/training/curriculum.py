@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from latentlib.training.loop import TrainConfig, TrainResult, train, trainable_parameters
+from latentlib.training.loop import TrainConfig, TrainResult, adamw, train, trainable_parameters
 
 __all__ = ["CurriculumConfig", "stage_schedule", "StageResult", "train_curriculum"]
 
@@ -76,7 +76,7 @@ class StageResult:
 
 
 def _adamw(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(trainable_parameters(modules), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return adamw(trainable_parameters(modules), cfg.lr, cfg.weight_decay)
 
 
 def train_curriculum(model: nn.Module, build_examples: Callable[[int], Sequence], make_batch: Callable,

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from latentlib import artifacts
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "batch_indices", "trainable_parameters"]
+__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "train", "batch_indices", "trainable_parameters",
+           "adamw"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,6 +104,24 @@ def trainable_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return params
 
 
+# devices with PyTorch's fused AdamW kernel for every floating dtype
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over ``params``, with PyTorch's fused kernel when every parameter's device has it.
+
+    Why: PyTorch's default on a CPU is its per-tensor loop, a dozen elementwise passes per
+    tensor; the fused kernel makes one. On SmolLM2-135M with LoRA and the trainable
+    embedding (33M parameters, 421 tensors) a step took 1.11 s against 0.29 s fused on 2
+    cores, side by side; transformers' ``Trainer`` (and so TRL) uses the fused kernel by
+    default. The update is the same up to float rounding.
+    """
+    fused = bool(params) and all(p.device.type in _FUSED_ADAMW_DEVICES and p.dtype.is_floating_point
+                                 for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def _save_checkpoint(ckpt: Path, modules: dict[str, nn.Module], opt, sched, step: int, history, meta) -> None:
     with artifacts.atomic_dir(ckpt) as tmp:
         for name, m in modules.items():
@@ -159,7 +178,7 @@ def train(model: nn.Module, examples: Sequence, make_batch: Callable[[list], dic
     params = trainable_parameters(list(modules.values()))
     if not params:
         raise ValueError("nothing to train: no parameter has requires_grad=True")
-    opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = optimizer if optimizer is not None else adamw(params, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
     meta = {"train_config": asdict(cfg), "desc": desc}
 
