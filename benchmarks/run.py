@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from benchmarks import coconut_reference, engine, grpo, training
+from benchmarks import coconut_reference, distributed, engine, grpo, training
 from benchmarks.common import RESULTS, ROOT, machine, set_threads
 
 
@@ -97,6 +97,32 @@ def summary() -> str:
             lines.append(f"| {r['G']} x {r['prompts']} | {r['rollout_s'] * 1000:.0f} | {r['reference_s'] * 1000:.0f} | "
                          f"{r['policy_loss_s'] * 1000:.0f} | {r['rollout_fraction']:.0%} | "
                          f"{r['batched_speedup']:.1f}x faster |")
+    p = RESULTS / "distributed.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        mb = 2 ** 20
+        if "scaling" in d:
+            sc = d["scaling"]
+            lines.append(f"\n## Several processes: {sc['task']} (CPU, gloo; best of {sc['rounds']} rounds)\n")
+            lines.append("| configuration | threads per process | s per step | parameter MB per process | "
+                         "speed-up vs 1x1 | efficiency vs 1x1 | speed-up vs 1x2 |\n|---|---|---|---|---|---|---|")
+            for name, r in sc["configs"].items():
+                per = " / ".join(f"{b / mb:.0f}" for b in r["parameter_bytes_per_process"])
+                lines.append(f"| {name} | {r['threads_per_process']} | {r['step_s']:.2f} | {per} | "
+                             f"{r.get('speedup_vs_1x1', 1.0):.2f} | {r.get('efficiency_vs_1x1', 1.0):.2f} | "
+                             f"{r.get('speedup_vs_1x2', float('nan')):.2f} |")
+        lines.append("\n## Checkpoints of LoRA runs (smollm2-135m)\n")
+        lines.append("| run | trainable parameters | checkpoint MB | full-state checkpoint MB | ratio | "
+                     "adapter MB | PEFT default adapter MB |\n|---|---|---|---|---|---|---|")
+        for r in d["checkpoint"]["rows"]:
+            lines.append(f"| {r['run']} | {r['trainable_parameters']:,} | {r['checkpoint_bytes'] / mb:.1f} | "
+                         f"{r['full_checkpoint_bytes'] / mb:.1f} | {r['checkpoint_vs_full']:.3f} | "
+                         f"{r.get('adapter_bytes', 0) / mb:.1f} | {r.get('peft_default_adapter_bytes', 0) / mb:.1f} |")
+        g = d["grpo_memory"]
+        lines.append(f"\n## Switch-GRPO peak memory (smollm2-135m, LoRA + trained embedding and head)\n\n"
+                     f"- reference with the adapter disabled: {g['adapter-disabled']['peak_rss_bytes'] / mb:.0f} MB; "
+                     f"a frozen copy: {g['copy']['peak_rss_bytes'] / mb:.0f} MB "
+                     f"(+{g['copy_minus_adapter_disabled_bytes'] / mb:.0f} MB)")
     p = ROOT / "reports" / "tiny" / "pipeline.json"
     if p.exists():
         d = json.loads(p.read_text())
@@ -114,6 +140,7 @@ def main():
     coconut_reference.main([])
     training.main([])
     grpo.main([])
+    distributed.main([])
     (RESULTS / "summary.md").write_text(summary())
     print(f"wrote {RESULTS / 'summary.md'}")
 
