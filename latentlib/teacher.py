@@ -65,7 +65,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from latentlib import artifacts
+from latentlib import artifacts, distributed
 from latentlib.batching import encode_record, prompt_batch
 from latentlib.policies import TextPolicy
 from latentlib.recurrence import generate
@@ -328,6 +328,10 @@ def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, fmt
     identifies the configuration: the finished shards of an interrupted run with the same
     key are kept, those of another key are discarded. Reusing a finished artifact is the
     stage's decision (:mod:`latentlib.stages.teacher`).
+
+    In a distributed run every process calls it: each generates every ``world``-th rollout
+    of a shard, the main process gathers them, writes the shard and, at the end, the
+    artifact; the others wait (a finished shard is skipped by every process on resume).
     """
     final = Path(directory)
     fingerprint = key
@@ -339,18 +343,23 @@ def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, fmt
     special = set(tokenizer.all_special_ids)
     hidden = model.get_input_embeddings().weight.shape[1]
     partial = final.with_name(f".{final.name}.partial")
-    if partial.exists():
-        info = partial / "fingerprint.json"
-        if not info.is_file() or artifacts.load_json(info).get("fingerprint") != fingerprint:
-            shutil.rmtree(partial)  # an interrupted run of another configuration: start afresh
-    partial.mkdir(parents=True, exist_ok=True)
-    artifacts.save_json({"fingerprint": fingerprint}, partial / "fingerprint.json")
+
+    def prepare():
+        if partial.exists():
+            info = partial / "fingerprint.json"
+            if not info.is_file() or artifacts.load_json(info).get("fingerprint") != fingerprint:
+                shutil.rmtree(partial)  # an interrupted run of another configuration: start afresh
+        partial.mkdir(parents=True, exist_ok=True)
+        artifacts.save_json({"fingerprint": fingerprint}, partial / "fingerprint.json")
+
+    distributed.on_main(prepare, what=f"preparing {partial}")
 
     model.eval()
     G = cfg.num_generations
     n_shards = math.ceil(len(records) / cfg.shard_size)
     totals = {"rollouts": 0, "correct": 0, "parsed": 0, "without_teacher": 0, "seconds": 0.0}
-    bar = tqdm(total=len(records) * G, desc="teacher rollouts", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(records) * G, desc="teacher rollouts", disable=not progress or not distributed.is_main(),
+               dynamic_ncols=True)
     for s in range(n_shards):
         stem = partial / f"shard-{s:05d}"
         problems = list(range(s * cfg.shard_size, min(len(records), (s + 1) * cfg.shard_size)))
@@ -362,23 +371,38 @@ def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, fmt
             t0 = time.perf_counter()
             prompts = {i: list(prompt(records[i])) for i in problems}
             pairs = [(i, g) for i in problems for g in range(G)]
-            rows = []
-            # one buffer for the shard: memory is bounded by shard_size, whatever the number of problems
-            states = torch.zeros(len(pairs), cfg.num_steps + 2, len(layers), hidden)  # (n*G, P, L, D)
-            for c in range(0, len(pairs), cfg.generation_batch_size):
-                r, st = _rollouts_of_batch(model, tokenizer, records, pairs[c:c + cfg.generation_batch_size],
-                                           prompts, cfg, layers, special, fmt)
-                rows += r
-                states[c:c + len(r)] = st
-                bar.update(len(r))
-            tensors, frame, counts = _finish_shard(rows, states, problems, cfg, layers)
-            counts["seconds"] = time.perf_counter() - t0
-            del rows, states
-            artifacts.save_state_dict(tensors, stem.with_suffix(".safetensors.tmp"))
-            stem.with_suffix(".safetensors.tmp").replace(stem.with_suffix(".safetensors"))
-            frame.to_parquet(stem.with_suffix(".parquet.tmp"), index=False)
-            stem.with_suffix(".parquet.tmp").replace(stem.with_suffix(".parquet"))
-            artifacts.save_json(counts, done)  # last: the shard is finished
+
+            def run(share: list) -> list:  # this process's rollouts of the shard, one (row, states) each
+                out = []
+                for c in range(0, len(share), cfg.generation_batch_size):
+                    r, st = _rollouts_of_batch(model, tokenizer, records, share[c:c + cfg.generation_batch_size],
+                                               prompts, cfg, layers, special, fmt)
+                    out += [(row, st[j].cpu()) for j, row in enumerate(r)]
+                    bar.update(len(r) * distributed.world())
+                return out
+
+            with distributed.gathered(model):
+                results = distributed.map_sharded(pairs, run, to_main_only=True)
+
+            def finish(results=results, stem=stem, done=done, problems=problems, t0=t0):
+                rows = [row for row, _ in results]
+                # one buffer for the shard: memory is bounded by shard_size, whatever the number of problems
+                states = torch.zeros(len(pairs), cfg.num_steps + 2, len(layers), hidden)  # (n*G, P, L, D)
+                for j, (_, st) in enumerate(results):
+                    states[j] = st
+                    results[j] = None  # each rollout's states freed once copied
+                tensors, frame, counts = _finish_shard(rows, states, problems, cfg, layers)
+                counts["seconds"] = time.perf_counter() - t0
+                del rows, states
+                artifacts.save_state_dict(tensors, stem.with_suffix(".safetensors.tmp"))
+                stem.with_suffix(".safetensors.tmp").replace(stem.with_suffix(".safetensors"))
+                frame.to_parquet(stem.with_suffix(".parquet.tmp"), index=False)
+                stem.with_suffix(".parquet.tmp").replace(stem.with_suffix(".parquet"))
+                artifacts.save_json(counts, done)  # last: the shard is finished
+                return counts
+
+            counts = distributed.on_main(finish, what=f"writing teacher shard {stem.name}")
+            del results
         for k in totals:
             totals[k] += counts[k]
     bar.close()
@@ -394,14 +418,18 @@ def extract_teacher(model, tokenizer, records: Sequence, cfg: TeacherConfig, fmt
     index = {"fingerprint": fingerprint, "config": asdict(cfg), "slots": slot_names(cfg.num_steps),
              "hidden_size": model.get_input_embeddings().weight.shape[1], "num_layers": num_layers,
              "shards": [f"shard-{s:05d}" for s in range(n_shards)], "summary": summary}
-    with artifacts.atomic_dir(final) as tmp:
-        for s in range(n_shards):
-            for suffix in (".safetensors", ".parquet"):
-                shutil.move(str(partial / f"shard-{s:05d}{suffix}"), str(tmp / f"shard-{s:05d}{suffix}"))
-        artifacts.save_json(index, tmp / "index.json")
-        artifacts.write_complete(tmp, {"kind": "teacher rollouts and states", **(meta or {}),
-                                       "config": asdict(cfg), **summary})
-    shutil.rmtree(partial, ignore_errors=True)
+
+    def publish():
+        with artifacts.atomic_dir(final) as tmp:
+            for s in range(n_shards):
+                for suffix in (".safetensors", ".parquet"):
+                    shutil.move(str(partial / f"shard-{s:05d}{suffix}"), str(tmp / f"shard-{s:05d}{suffix}"))
+            artifacts.save_json(index, tmp / "index.json")
+            artifacts.write_complete(tmp, {"kind": "teacher rollouts and states", **(meta or {}),
+                                           "config": asdict(cfg), **summary})
+        shutil.rmtree(partial, ignore_errors=True)
+
+    distributed.on_main(publish, what=f"writing {final}")
     return TeacherSummary(directory=final, **summary)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 __all__ = ["SPECIAL_TOKENS", "METHOD_TOKENS", "MissingTokensError", "TokenIds", "add_special_tokens",
-           "require_tokens", "token_ids", "trainable_token_config"]
+           "require_tokens", "token_ids", "trainable_token_config", "grow_embeddings"]
 
 SPECIAL_TOKENS = ("<bot>", "<eot>", "<latent>", "<swi>", "</swi>", "<pause>")
 METHOD_TOKENS = {
@@ -67,14 +67,32 @@ def add_special_tokens(model: nn.Module, tokenizer, tokens: tuple[str, ...] = SP
         size = max(len(tokenizer), max(new_ids) + 1)
         if size > old:
             model.resize_token_embeddings(size, mean_resizing=False)
-        with torch.no_grad():
-            emb_in = model.get_input_embeddings().weight
-            mean_in = emb_in[:old].mean(0)
-            emb_in[new_ids] = mean_in
-            out = model.get_output_embeddings()
-            if out is not None and out.weight.data_ptr() != emb_in.data_ptr():
-                out.weight[new_ids] = out.weight[:old].mean(0)
+        _mean_rows(model, new_ids, old)
     return {t: _id(tokenizer, t) for t in tokens}
+
+
+def _mean_rows(model: nn.Module, rows: list[int], old: int) -> None:
+    """Sets embedding ``rows`` (input, and output when untied) to the mean of the first ``old`` rows."""
+    with torch.no_grad():
+        emb_in = model.get_input_embeddings().weight
+        mean_in = emb_in[:old].mean(0)
+        emb_in[rows] = mean_in
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb_in.data_ptr():
+            out.weight[rows] = out.weight[:old].mean(0)
+
+
+def grow_embeddings(model: nn.Module, size: int) -> None:
+    """Resizes a pretrained model's embeddings to ``size`` rows the way
+    :func:`add_special_tokens` does (new rows at the mean of the existing ones), e.g. a
+    base model an adapter trained with added tokens is loaded onto: its frozen new rows
+    are then the ones training started from (what the model scores with its adapter
+    disabled), not a random initialisation."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if size <= old:
+        return
+    model.resize_token_embeddings(size, mean_resizing=False)
+    _mean_rows(model, list(range(old, size)), old)
 
 
 def require_tokens(tokenizer, method: str) -> dict[str, int]:

@@ -3,6 +3,7 @@
     python -m latentlib.train STAGE --params params/<preset>.yaml [-p NAME VALUE ...] [--run NAME]
     python -m latentlib.train base --params params/tiny.yaml -p base_steps 30
     torchrun --nproc_per_node 2 -m latentlib.train coconut --params params/smollm2-135m.yaml
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml -m latentlib.train switch-phase3 --params ...
 
 A stage's parameters are its notebook's: the defaults of the notebook's ``parameters``
 cell, then the parameter file (its top-level keys and its section for that notebook),
@@ -10,6 +11,10 @@ then ``-p`` pairs. A name the notebook does not declare is refused before anythi
 and so is a parameter file written for another preset. Artifacts go where the notebook
 writes them (``runs/<run>/...``), under the same reuse rule, so a notebook run after a
 command reuses what the command made.
+
+Under a launcher (several processes) every process runs the same stage: training is
+shared (DDP or FSDP, :mod:`latentlib.training.parallel`), evaluation and rollouts are
+split across the processes, and only the main process writes (:mod:`latentlib.distributed`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
 
-from latentlib import stages  # noqa: E402
+from latentlib import distributed, stages  # noqa: E402
 from latentlib.notebook import context, notebook_parameters, notebook_path  # noqa: E402
 from latentlib.pipeline import UnknownParameterError, resolve_parameters  # noqa: E402
 from latentlib.presets import PRESETS  # noqa: E402
@@ -108,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownParameterError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    distributed.init()  # a launcher's processes join their group before anything loads
     t0 = time.perf_counter()
     run_stage(args.stage, params)
-    print(f"[train] {args.stage} (run {params['run'] or params['model']}) done in {time.perf_counter() - t0:.0f} s",
-          flush=True)
+    if distributed.is_main():
+        print(f"[train] {args.stage} (run {params['run'] or params['model']}) done in {time.perf_counter() - t0:.0f} s"
+              + (f" on {distributed.world()} processes" if distributed.world() > 1 else ""), flush=True)
     return 0
 
 

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "latentlib"
 # rank of each module or package; a module may import modules of its own rank or below
 RANKS = {
     "latentlib.tasks": 0, "latentlib.artifacts": 0, "latentlib.hub": 0, "latentlib.presets": 0, "latentlib.project": 0,
+    "latentlib.distributed": 0,
     "latentlib.tokens": 1, "latentlib.batching": 1, "latentlib.injection": 1, "latentlib.policies": 1,
     "latentlib.deferred_grads": 1, "latentlib.recurrence": 1,
     "latentlib.evaluate": 2, "latentlib.teacher": 2, "latentlib.probes": 2, "latentlib.plots": 2,

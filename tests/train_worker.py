@@ -3,16 +3,19 @@
     python tests/train_worker.py RUN_DIR OUT_FILE
 
 Prints ``step N loss L`` after every optimizer step; resumes from RUN_DIR's checkpoint if one is
-complete; writes the final weights to OUT_FILE (safetensors).
+complete; writes the final weights to OUT_FILE (safetensors). Under torchrun, ``KILL_RANK`` and
+``KILL_AT_STEP`` make that rank kill itself (SIGKILL) after that step, as a crashed process would.
 """
 
 import os
+import signal
 import sys
 
 import torch
 
 torch.set_num_threads(1)
 
+from latentlib import distributed  # noqa: E402
 from latentlib.artifacts import save_state_dict  # noqa: E402
 from latentlib.batching import collate, cot_segments, encode_record  # noqa: E402
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer  # noqa: E402
@@ -32,10 +35,19 @@ def main(run_dir: str, out_file: str) -> None:
                                               num_kv_heads=1, intermediate_size=64), seed=1)
     examples = [cot_segments(encode_record(tok, r, Format(" "))) for r in splits.train]
     tc = TrainConfig(steps=STEPS, batch_size=16, lr=3e-3, warmup_steps=4, checkpoint_every=3, log_every=1, seed=5)
+    kill_rank, kill_at = int(os.environ.get("KILL_RANK", -1)), int(os.environ.get("KILL_AT_STEP", -1))
+
+    def on_log(row):
+        if rank0:
+            print(f"step {row['step']} loss {row['loss']:.8f}", flush=True)
+        if row["step"] == kill_at and distributed.rank() == kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     train(model, examples, lambda b: collate(b, tok.pad_token_id), lm_loss, tc, checkpoint_dir=run_dir,
-          progress=False, on_log=lambda row: rank0 and print(f"step {row['step']} loss {row['loss']:.8f}", flush=True))
+          progress=False, on_log=on_log)
+    state = distributed.whole_state_dict(model)  # every process: a sharded model is gathered
     if rank0:
-        save_state_dict(model.state_dict(), out_file)
+        save_state_dict(state, out_file)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from latentlib import artifacts
+from latentlib import artifacts, distributed
 
 __all__ = ["Built", "stage_key", "identity", "input_identity", "build_or_reuse", "jsonable"]
 
@@ -101,29 +101,41 @@ def build_or_reuse(directory: Path, config: Any, inputs: Mapping[str, str], *,
     ``record`` (the key, the configuration, the inputs) in its metadata. Prints which
     happened, with what changed when an artifact is replaced."""
     directory = Path(directory)
+    verbose = verbose and distributed.is_main()
     key = stage_key(config, inputs)
     record = {"key": key, "stage_config": jsonable(config), "inputs": dict(inputs)}
-    status = "trained"
-    if artifacts.is_complete(directory):
+    # In a distributed run the main process decides and every process follows (they read
+    # the same runs/ directory, but the main process may write it before a slower one looks).
+    status, changed = distributed.broadcast(_decide(directory, key, record) if distributed.is_main() else None)
+    if status == "reused":
         meta = artifacts.read_meta(directory)
-        if meta.get("key") == key:
-            if verbose:
-                print(f"{label}: reused ({directory.name}, key {key})")
-            return Built(load(directory, meta), directory, key, "reused", meta)
-        old = {"config": meta.get("stage_config"), "inputs": meta.get("inputs")}
-        changed = _changes(old, {"config": record["stage_config"], "inputs": record["inputs"]})
-        status = "retrained"
         if verbose:
+            print(f"{label}: reused ({directory.name}, key {key})")
+        return Built(load(directory, meta), directory, key, "reused", meta)
+    if verbose:
+        if status == "retrained":
             what = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
             print(f"{label}: retrained, its configuration or an input changed ({what or 'an older artifact'})")
-    elif verbose:
-        print(f"{label}: training (no artifact yet)")
+        else:
+            print(f"{label}: training (no artifact yet)")
     checkpoint = directory.with_name(f".{directory.name}-{key}.ckpt")
     value = build(record, checkpoint)
     meta = artifacts.read_meta(directory) if artifacts.is_complete(directory) else {}
     if meta.get("key") != key:
         raise RuntimeError(f"{label}: the stage did not write its artifact with key {key} to {directory}")
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the artifact holds the final weights
+    # the artifact holds the final weights; the main process removes the checkpoint, the others wait
+    distributed.on_main(shutil.rmtree, checkpoint, ignore_errors=True, what=f"removing {checkpoint}")
     if verbose:
         print(f"{label}: {status} ({directory.name}, key {key})")
     return Built(value, directory, key, status, meta)
+
+
+def _decide(directory: Path, key: str, record: dict) -> tuple[str, list[str]]:
+    """``("reused" | "retrained" | "trained", what changed)``."""
+    if not artifacts.is_complete(directory):
+        return "trained", []
+    meta = artifacts.read_meta(directory)
+    if meta.get("key") == key:
+        return "reused", []
+    old = {"config": meta.get("stage_config"), "inputs": meta.get("inputs")}
+    return "retrained", _changes(old, {"config": record["stage_config"], "inputs": record["inputs"]})

@@ -20,10 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from latentlib.training.loop import TrainConfig, TrainResult, adamw, train, trainable_parameters
+from latentlib.training.loop import TrainConfig, TrainResult, train
 
 __all__ = ["CurriculumConfig", "stage_schedule", "StageResult", "train_curriculum"]
 
@@ -75,10 +74,6 @@ class StageResult:
     metrics: dict = field(default_factory=dict)  # what `after_stage` returned (e.g. test accuracy)
 
 
-def _adamw(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
-    return adamw(trainable_parameters(modules), cfg.lr, cfg.weight_decay)
-
-
 def train_curriculum(model: nn.Module, build_examples: Callable[[int], Sequence], make_batch: Callable,
                      loss_fn: Callable, cfg: CurriculumConfig, *, extra_modules: dict[str, nn.Module] | None = None,
                      checkpoint_dir: Path | None = None, after_stage: Callable[[int], dict] | None = None,
@@ -90,9 +85,7 @@ def train_curriculum(model: nn.Module, build_examples: Callable[[int], Sequence]
     stage checkpoints under ``checkpoint_dir/stage<k>`` and resumes from there.
     """
     results: list[StageResult] = []
-    optimizer = None
-    if not cfg.reset_optimizer:
-        optimizer = _adamw([model, *(extra_modules or {}).values()], cfg.train)
+    optimizer = None  # without reset: the first stage's AdamW, continued (made by the loop, after any sharding)
     for stage, steps in stage_schedule(cfg):
         tcfg = replace(cfg.train, steps=steps, seed=cfg.train.seed + stage,
                        warmup_steps=min(cfg.train.warmup_steps, steps // 2))
@@ -100,6 +93,8 @@ def train_curriculum(model: nn.Module, build_examples: Callable[[int], Sequence]
         res = train(model, build_examples(stage), make_batch, loss_fn, tcfg, checkpoint_dir=ckpt,
                     extra_modules=extra_modules, desc=f"{desc} stage {stage}", progress=progress,
                     optimizer=optimizer)
+        if not cfg.reset_optimizer:
+            optimizer = res.optimizer
         metrics = after_stage(stage) if after_stage is not None else {}
         results.append(StageResult(stage, res, metrics or {}))
     return results

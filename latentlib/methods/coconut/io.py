@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from latentlib import artifacts
+from latentlib import artifacts, distributed
 from latentlib.injection import Injector, make_injector
 from latentlib.methods.coconut.config import CoconutConfig
 from latentlib.training.curriculum import CurriculumConfig
@@ -36,16 +36,23 @@ def save_coconut(directory, model, tokenizer, cfg: CoconutConfig, curriculum: Cu
                  tables: dict[str, pd.DataFrame] | None = None) -> None:
     """Atomically: the model (``save_pretrained``), the tokenizer, the injector's weights
     when it has any, ``tables`` as CSV files (name -> frame, e.g. the evaluation's rows) and
-    the two configurations in the ``COMPLETE`` marker."""
-    with artifacts.atomic_dir(Path(directory)) as tmp:
-        artifacts.save_pretrained(model, tmp)
-        tokenizer.save_pretrained(tmp)
-        if injector is not None and len(injector.state_dict()):
-            artifacts.save_state_dict(injector.state_dict(), tmp / INJECTOR_FILE)
-        for file, frame in (tables or {}).items():
-            frame.to_csv(tmp / file, index=False)
-        artifacts.write_complete(tmp, {"kind": "Coconut model", **(meta or {}), "coconut": asdict(cfg),
-                                       "curriculum": asdict(curriculum)})
+    the two configurations in the ``COMPLETE`` marker. In a distributed run every process
+    calls it (a sharded model's tensors are gathered) and the main process writes."""
+    state = artifacts.pretrained_state(model)
+    injector_state = distributed.whole_state_dict(injector) if injector is not None else {}
+
+    def write():
+        with artifacts.atomic_dir(Path(directory)) as tmp:
+            artifacts.write_pretrained(model, tmp, state)
+            tokenizer.save_pretrained(tmp)
+            if injector is not None and len(injector.state_dict()):
+                artifacts.save_state_dict(injector_state, tmp / INJECTOR_FILE)
+            for file, frame in (tables or {}).items():
+                frame.to_csv(tmp / file, index=False)
+            artifacts.write_complete(tmp, {"kind": "Coconut model", **(meta or {}), "coconut": asdict(cfg),
+                                           "curriculum": asdict(curriculum)})
+
+    distributed.on_main(write, what=f"writing {directory}")
 
 
 def load_coconut(directory, *, base=None) -> SavedCoconut:

@@ -39,6 +39,7 @@ from latentlib.policies import TextPolicy
 from latentlib.recurrence import generate, position_ids_for
 from latentlib.tasks import Format
 from latentlib.training.loop import TrainConfig, TrainResult, train
+from latentlib.training.losses import token_count
 
 __all__ = ["UPFTConfig", "first_n_mask", "upft_segments", "upft_examples", "collate_buckets", "bucketed_lm_loss",
            "sample_prefixes", "train_upft"]
@@ -117,7 +118,8 @@ def bucketed_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
         total = total + F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                         ignore_index=IGNORE, reduction="sum")
         count += int((labels != IGNORE).sum())
-    return total / max(count, 1), {}
+    divisor = token_count(torch.tensor(count))  # several processes: the global batch's count (see losses)
+    return total / (max(count, 1) if divisor is None else divisor.clamp(min=1.0)[0]), {}
 
 
 @torch.no_grad()

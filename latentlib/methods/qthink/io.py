@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from latentlib import artifacts
+from latentlib import artifacts, distributed
 from latentlib.injection import Projection, ProjectionHead
 from latentlib.methods.qthink.model import make_projection
 
@@ -37,9 +37,12 @@ class HeadShapeError(ValueError):
     """A projection head whose tensors do not fit the model's hidden size."""
 
 
-def save_head(head: ProjectionHead, path: Path) -> None:
-    """``projection_head.pt`` as the release writes it: the head's state dict (tensors only)."""
-    torch.save({k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, path)
+def save_head(head: ProjectionHead, path: Path, state: dict | None = None) -> None:
+    """``projection_head.pt`` as the release writes it: the head's state dict (tensors
+    only; ``state``: the head's whole tensors when it was sharded, see
+    :func:`latentlib.distributed.whole_state_dict`)."""
+    state = head.state_dict() if state is None else state
+    torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, path)
 
 
 def load_head(path: Path, hidden_size: int) -> ProjectionHead:
@@ -83,14 +86,22 @@ def load_head(path: Path, hidden_size: int) -> ProjectionHead:
 
 
 def save_qthink(directory: Path, model, tokenizer, projection: Projection | None, meta: dict) -> None:
-    """Model (full weights, or the PEFT adapter for a LoRA model) + tokenizer +
-    ``projection_head.pt`` (omitted for the text-only SFT baseline), atomically."""
-    with artifacts.atomic_dir(Path(directory)) as tmp:
-        artifacts.save_pretrained(model, tmp)
-        tokenizer.save_pretrained(tmp)
-        if projection is not None:
-            save_head(projection.head, tmp / HEAD_FILE)
-        artifacts.write_complete(tmp, {"kind": "qthink checkpoint", **meta})
+    """Model (full weights, or the PEFT adapter for a LoRA model: only the trained LoRA
+    matrices) + tokenizer + ``projection_head.pt`` (omitted for the text-only SFT
+    baseline), atomically. In a distributed run every process calls it (sharded weights
+    are gathered) and the main process writes."""
+    state = artifacts.pretrained_state(model)
+    head_state = distributed.whole_state_dict(projection.head) if projection is not None else None
+
+    def write():
+        with artifacts.atomic_dir(Path(directory)) as tmp:
+            artifacts.write_pretrained(model, tmp, state)
+            tokenizer.save_pretrained(tmp)
+            if projection is not None:
+                save_head(projection.head, tmp / HEAD_FILE, head_state)
+            artifacts.write_complete(tmp, {"kind": "qthink checkpoint", **meta})
+
+    distributed.on_main(write, what=f"writing {directory}")
 
 
 def load_qthink(directory: Path, *, base_model=None):

@@ -32,15 +32,31 @@ Where this departs from TRL/the paper: one policy update per rollout batch (TRL'
 default ``num_iterations=1``), with the *old* log-probs taken from the rollout itself
 (``trace.logprob``: the cached generation and the scoring forward agree to about 1e-5,
 pinned by ``tests/test_recurrence.py``), so the ratio starts at 1 and the clip only
-matters through that difference; the reference is a frozen copy of the starting model
-(TRL with PEFT uses the base model without adapter, which has no ``<swi>``). The learning-rate schedule is
-the training loop's (linear decay by default, as TRL's). Forced exits are masked out
-(TRL has no forced tokens).
+matters through that difference. The learning-rate schedule is the training loop's
+(linear decay by default, as TRL's). Forced exits are masked out (TRL has no forced
+tokens).
+
+The reference (what the KL term anchors to), and its memory:
+
+- **a PEFT model** (every real preset): the same model with its adapter disabled
+  (``model.disable_adapter()``, as TRL does with PEFT): the pretrained base, whose
+  ``<swi>`` rows are the untrained ones its vocabulary was grown with. No memory beyond
+  the scoring forward itself (no parameters); a copy would be a second base model per
+  process (about 16 GB for Qwen3-8B in bf16, and not sharded by FSDP).
+- **a model without adapters** (the tiny preset, trained in full): a frozen copy of the
+  starting model, one more set of its parameters (about 4 MB for tiny).
+
+With several processes each takes its share of the step's prompts (the loop's split),
+rolls out and scores its own groups (a group never spans processes, so its advantages
+are its own), with the seeds the one-process run would give those prompts; the
+token-level loss (``bnpo``) is normalised by the whole global batch's token count. A
+sharded (FSDP) model is gathered once per step for the rollouts and the reference.
 """
 
 from __future__ import annotations
 
 import copy
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,13 +68,15 @@ from latentlib.batching import encode_record, prompt_batch
 from latentlib.injection import make_injector
 from latentlib.methods.switch.config import switch_ids
 from latentlib.methods.switch.inference import latent_blocks, switch_policy
+from latentlib import distributed
 from latentlib.recurrence import generate, latent_forward
 from latentlib.tasks import Format, extract_exact, extract_strict, grade
-from latentlib.training.loop import TrainConfig, TrainResult, train
+from latentlib.training.loop import TrainConfig, TrainResult, local_positions, train
+from latentlib.training.losses import token_count
 
 __all__ = ["SwitchGRPOConfig", "Completions", "correctness_reward", "format_reward", "latent_usage_reward",
            "REWARD_FUNCS", "group_advantages", "grpo_loss", "rollout", "completion_logps", "forced_exits",
-           "train_switch_grpo", "GRPORun"]
+           "train_switch_grpo", "GRPORun", "reference_scorer"]
 
 LOSS_TYPES = ("bnpo", "grpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -213,7 +231,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         kl = torch.exp(d) - d - 1  # k3: unbiased, non-negative estimate of KL(policy || reference)
         per_token = per_token + beta * kl
     if loss_type == "bnpo":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        count = token_count(mask.sum())  # several processes: the global batch's count (latentlib.training.losses)
+        loss = (per_token * mask).sum() / (mask.sum() if count is None else count[0]).clamp(min=1.0)
     else:
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
     with torch.no_grad():
@@ -333,27 +352,25 @@ def train_switch_grpo(model: nn.Module, tokenizer, records: Sequence, cfg: Switc
                       on_log: Callable | None = None) -> GRPORun:
     """Runs Switch-GRPO on ``records`` (prompts) with :func:`latentlib.training.loop.train`
     (AdamW, schedule, clipping, checkpoints with exact resume). ``ref_model``: the frozen
-    reference (default: a copy of ``model`` as it is now; not made when ``beta == 0``).
-    ``reward_funcs``: the reward terms, one weight each in ``cfg.reward_weights``."""
+    reference (default, when ``beta > 0``: a PEFT model with its adapter disabled, else a
+    copy of ``model`` as it is now; see the module docstring). ``reward_funcs``: the
+    reward terms, one weight each in ``cfg.reward_weights``."""
     ids = switch_ids(tokenizer)
     injector = injector if injector is not None else make_injector(switch_cfg.injection, model)
-    if cfg.beta > 0 and ref_model is None:
-        ref_model = copy.deepcopy(model)
-    if ref_model is not None:
-        ref_model.eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
+    reference = reference_scorer(model, ref_model) if cfg.beta > 0 or ref_model is not None else None
     samples: list[str] = []
 
     def make_batch(chunk):
-        seeds = torch.randint(0, 2**31 - 1, (len(chunk) * cfg.num_generations,)).tolist()  # global RNG: resumable
-        batch = rollout(model, tokenizer, chunk, cfg, switch_cfg, fmt, seeds=seeds, injector=injector,
-                        reward_funcs=reward_funcs)
-        if ref_model is not None:
-            with torch.no_grad():
-                ref_model.to(batch["input_ids"].device)
-                batch["ref_logps"] = completion_logps(ref_model, batch, switch_cfg, ids,
-                                                      temperature=cfg.temperature, injector=injector)
+        # the seeds of the whole global batch (the global RNG, which checkpoints resume), this process's rows
+        seeds = torch.randint(0, 2**31 - 1, (cfg.prompts_per_step, cfg.num_generations))
+        seeds = seeds[local_positions(cfg.prompts_per_step)].flatten().tolist()
+        with distributed.gathered(model):  # a sharded model: whole for the rollouts and the reference
+            batch = rollout(model, tokenizer, chunk, cfg, switch_cfg, fmt, seeds=seeds, injector=injector,
+                            reward_funcs=reward_funcs)
+            if reference is not None:
+                with torch.no_grad(), reference() as ref:
+                    batch["ref_logps"] = completion_logps(ref, batch, switch_cfg, ids, temperature=cfg.temperature,
+                                                          injector=injector)
         samples[:] = batch.pop("texts")[:cfg.num_generations]
         return batch
 
@@ -367,3 +384,29 @@ def train_switch_grpo(model: nn.Module, tokenizer, records: Sequence, cfg: Switc
     result = train(model, list(records), make_batch, loss_fn, cfg.train_config(), checkpoint_dir=checkpoint_dir,
                    desc="switch-grpo", progress=progress, on_log=on_log)
     return GRPORun(result, samples)
+
+
+def reference_scorer(model: nn.Module, ref_model: nn.Module | None = None) -> Callable:
+    """``with scorer() as ref:`` gives the model that scores the reference log-probs:
+    ``ref_model`` if given (frozen here), else ``model`` with its adapter disabled for a
+    PEFT model (no extra memory), else a frozen copy of ``model`` made now (one more set
+    of its parameters)."""
+    if ref_model is None and hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        @contextlib.contextmanager
+        def disabled():
+            with model.disable_adapter():
+                yield model
+
+        return disabled
+    if ref_model is None:
+        ref_model = copy.deepcopy(model)
+    ref_model.eval()
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def frozen():
+        ref_model.to(next(model.parameters()).device)
+        yield ref_model
+
+    return frozen

@@ -10,9 +10,10 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from latentlib import artifacts
+from latentlib import artifacts, distributed
 from latentlib.methods.switch.config import SwitchConfig, switch_ids
 from latentlib.presets import get_preset, load_model
+from latentlib.tokens import grow_embeddings
 
 __all__ = ["save_switch_model", "AdapterMismatchError", "load_switch_adapter", "load_switch_model",
            "load_switch_config"]
@@ -22,13 +23,24 @@ def save_switch_model(model, tokenizer, directory, meta: dict, *, files: dict | 
     """Atomically saves a stage's model: a LoRA model in the published adapter layout
     (``adapter_config.json``, ``adapter_model.safetensors`` and the tokenizer with the
     three tokens), a fully trained one (tiny) as a whole model. ``files``: more JSON files
-    to write beside it (name -> value), e.g. phase 1's ``spans.json``."""
-    with artifacts.atomic_dir(Path(directory)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for file, value in (files or {}).items():
-            artifacts.save_json(value, tmp / file)
-        artifacts.write_complete(tmp, {"adapter": isinstance(model, PeftModel), **meta})
+    to write beside it (name -> value), e.g. phase 1's ``spans.json``.
+
+    The adapter holds only what was trained: the LoRA matrices and the trained embedding
+    and head (``modules_to_save``), not the frozen base embeddings PEFT adds by default
+    once the vocabulary has grown (on SmolLM2-135M 246 MB instead of 699 MB). In a
+    distributed run every process calls it (a sharded model is gathered) and the main
+    process writes."""
+    state = artifacts.pretrained_state(model)
+
+    def write():
+        with artifacts.atomic_dir(Path(directory)) as tmp:
+            artifacts.write_pretrained(model, tmp, state)
+            tokenizer.save_pretrained(tmp)
+            for file, value in (files or {}).items():
+                artifacts.save_json(value, tmp / file)
+            artifacts.write_complete(tmp, {"adapter": isinstance(model, PeftModel), **meta})
+
+    distributed.on_main(write, what=f"writing {directory}")
 
 
 class AdapterMismatchError(ValueError):
@@ -60,7 +72,8 @@ def load_switch_adapter(base_model_or_preset, adapter_dir, *, is_trainable: bool
             raise ValueError(f"preset {preset.name!r} has no pretrained base: pass the base model or its directory")
         base, _ = load_model(preset.name)
     if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # as the tokens were added for training (mean rows): the adapter holds only what was trained
+        grow_embeddings(base, len(tokenizer))
     try:
         model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
     except RuntimeError as e:

@@ -1,0 +1,117 @@
+"""A few training steps of the real SmolLM2-135M with LoRA, run as one process or under
+torchrun, for the distributed tests and benchmarks.
+
+    python tests/dist_worker.py MODE OUT.json [--steps 5] [--batch 4]
+    torchrun --nproc_per_node 2 tests/dist_worker.py MODE OUT.json ...
+    ACCELERATE_USE_FSDP=true FSDP_VERSION=2 torchrun --nproc_per_node 2 tests/dist_worker.py MODE OUT.json ...
+
+MODE ``coconut``: a Coconut curriculum stage (stage 2 of the plain format, c=1: two
+thoughts replace the first two steps of the embedded chain task), LoRA (the preset's
+r=16 on every projection). MODE ``grpo``: Switch-GRPO steps from SWITCH's trainable
+model (LoRA plus the trained embedding and head), G=2, the reference scored with the
+adapter disabled (``--reference copy``: a frozen copy of the model, for the memory
+benchmark); the ``<swi>`` row is set to the model's likeliest first token's, so
+rollouts do enter latent blocks. The main process writes OUT.json: the loss of every
+step, the time of every step, how training was run, and every process's parameter bytes
+and peak resident memory.
+"""
+
+import argparse
+import copy
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from latentlib import distributed
+from latentlib.batching import collate, encode_record, prompt_batch
+from latentlib.injection import make_injector
+from latentlib.methods import switch as sw
+from latentlib.methods.coconut import CoconutConfig, make_loss, stage_examples
+from latentlib.presets import get_preset, load_model
+from latentlib.tasks import TaskConfig, load_task
+from latentlib.tokens import add_special_tokens, token_ids
+from latentlib.training.lora import apply_lora
+from latentlib.training.loop import TrainConfig, train
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["coconut", "grpo"])
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4, help="global batch (coconut: examples; grpo: completions)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--reference", choices=["adapter-disabled", "copy"], default="adapter-disabled",
+                    help="grpo: the reference model (the default, or a copy of the model as before)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    distributed.init()
+    preset = get_preset("smollm2-135m")
+    task = load_task(TaskConfig(name="chain", n_train=64, n_test=8, seed=0), preset.step_separator)
+    torch.manual_seed(0)
+    model, tok = load_model(preset.name)
+    add_special_tokens(model, tok)
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_log(row):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    t0 = time.perf_counter()
+    if args.mode == "coconut":
+        model = apply_lora(model, r=preset.lora_r, alpha=preset.lora_alpha, targets=preset.lora_targets)
+        cfg = CoconutConfig(format="plain", c_thought=1, max_latent_stage=2)
+        ids = token_ids(tok)
+        encoded = [encode_record(tok, r, task.format) for r in task.splits.train]
+        examples = stage_examples(encoded, 2, cfg, ids, seed=0)
+        injector = make_injector(cfg.injection, model)
+        tc = TrainConfig(steps=args.steps, batch_size=args.batch, lr=3e-4, warmup_steps=0, log_every=1, seed=0)
+        res = train(model, examples, lambda b: collate(b, tok.pad_token_id, align="first_latent"),
+                    make_loss(cfg, injector), tc, checkpoint_dir=args.checkpoint_dir, progress=False, on_log=on_log)
+        history = res.history
+    else:
+        model = sw.make_trainable(model, tok, preset)
+        swi = sw.switch_ids(tok).swi
+        with torch.no_grad():  # make <swi> as likely as the likeliest first token, so that blocks happen
+            q, m = prompt_batch([encode_record(tok, task.splits.train[0], task.format).question], tok.pad_token_id)
+            first = int(model(input_ids=q, attention_mask=m).logits[0, -1].argmax())
+            head = model.get_output_embeddings().weight
+            head[swi] = head[first]
+        switch_cfg = sw.SwitchConfig(k_min=1, k_max=2)
+        G = 2
+        grpo = sw.SwitchGRPOConfig(num_generations=G, generation_batch_size=args.batch, max_steps=args.steps,
+                                   learning_rate=1e-4, beta=1e-3, temperature=1.0, max_completion_length=12,
+                                   logging_steps=1, seed=0)
+        ref = copy.deepcopy(model) if args.reference == "copy" else None
+        run = sw.train_switch_grpo(model, tok, task.splits.train, grpo, switch_cfg, task.format, progress=False,
+                                   on_log=on_log, checkpoint_dir=args.checkpoint_dir, ref_model=ref)
+        history = run.result.history
+    seconds = time.perf_counter() - t0
+    root = distributed.root_of(model)
+    mine = {"rank": distributed.rank(), "parameter_bytes": distributed.local_bytes(root),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "trainable_bytes": sum(p.numel() * p.element_size() for p in root.parameters() if p.requires_grad)}
+    everyone = [None] * distributed.world()
+    if distributed.world() > 1:
+        torch.distributed.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    if distributed.is_main():
+        out = {"mode": args.mode, "processes": distributed.world(),
+               "parallel": "fsdp" if distributed.is_sharded(model) else ("ddp" if distributed.world() > 1 else "single"),
+               "threads": torch.get_num_threads(), "steps": args.steps, "global_batch": args.batch,
+               "losses": [row["loss"] for row in history], "step_seconds": times, "seconds": seconds,
+               "latent_steps": [row.get("latent_steps") for row in history], "ranks": everyone}
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+        print(json.dumps({k: out[k] for k in ("mode", "processes", "parallel", "losses")}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
