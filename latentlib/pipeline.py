@@ -340,7 +340,8 @@ def use_project(directory: str | os.PathLike) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m latentlib.pipeline", description=__doc__.split("\n\n")[0])
+    prog = "latentlib-pipeline" if Path(sys.argv[0]).name == "latentlib-pipeline" else "python -m latentlib.pipeline"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("preset", help="model preset (params/<preset>.yaml)")
     ap.add_argument("--run", default=None, help="run name (default: the preset name)")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
