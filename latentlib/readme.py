@@ -6,8 +6,9 @@ cannot drift from what was measured.
     python -m latentlib.readme --check        # exit 1 when README.md differs from that rendering
 
 *Collect* reads ``reports/<run>/tables/main.csv`` and ``probes_summary.csv`` (notebooks 04
-and 05), ``reports/<run>/pipeline.json`` and ``run_info.json`` (stage times, commit,
-threads), and ``benchmarks/results/*.json`` (``make bench``), and keeps the numbers the
+and 05), ``table1_tasks.csv`` (Coconut's Table 1 across the task runs),
+``reports/<run>/pipeline.json``, ``pipeline_runs.json`` and ``run_info.json`` (stage and
+run times, commit, threads), and ``benchmarks/results/*.json`` (``make bench``), and keeps the numbers the
 tables show in ``docs/results/<run>.json``, a small committed file with the date, the
 commit and the thread count of each source. *Render* turns that file into the Markdown
 between the markers ``<!-- readme:NAME -->`` and ``<!-- /readme:NAME -->`` in README.md;
@@ -27,7 +28,7 @@ from pathlib import Path
 __all__ = ["collect", "collect_results", "collect_benchmarks", "render", "update_readme", "sections", "main",
            "SECTIONS"]
 
-SECTIONS = ("results", "benchmarks")
+SECTIONS = ("results", "table1", "benchmarks")
 MAIN_COLUMNS = ("method", "evaluated_in", "accuracy", "visible_tokens", "latent_steps", "n")
 
 
@@ -79,6 +80,14 @@ def collect_results(report: Path) -> dict:
     info = json.loads((report / "run_info.json").read_text()) if (report / "run_info.json").exists() else {}
     pipe = json.loads((report / "pipeline.json").read_text()) if (report / "pipeline.json").exists() else {}
     stages = [{"stage": s["stage"], "seconds": round(s["seconds"])} for s in pipe.get("stages", []) if "seconds" in s]
+    runs_file = report / "pipeline_runs.json"  # the main run and the task runs after it
+    if runs_file.exists():
+        out["runs"] = {r: round(t) for r, t in json.loads(runs_file.read_text())["runs"].items()}
+    table1 = report / "tables" / "table1_tasks.csv"
+    if table1.exists():
+        frame = pd.read_csv(table1)
+        out["table1"] = {"columns": list(frame.columns),
+                         "rows": [[_num(v) for v in r] for r in frame.itertuples(index=False)]}
     written = info.get("written_at") or time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(main_csv.stat().st_mtime))
     return {"date": written[:10], "commit": info.get("commit"), "threads": info.get("threads"),
             "cpu_count": info.get("cpu_count"), "source": f"reports/{report.name}", "total_seconds": round(pipe["total_seconds"]) if pipe else None,
@@ -177,11 +186,50 @@ def collect_benchmarks(results: Path) -> dict | None:
                  for m in dict.fromkeys(k.split("/")[0] for k in fits)}
         row("training step vs thoughts K / written length T", "linear",
             {m: f"R^2 {c}" for m, c in cells.items()}, {k: round(v["r2"], 4) for k, v in fits.items()})
+    d = files.get("coconut_cost_curve")
+    if d and d.get("crossover"):
+        cells, nums = {}, {}
+        for m, c in d["crossover"].items():
+            meas = c.get("measured_crossover_batch")
+            fit = c.get("fitted_crossover_batch")
+            cells[m] = (f"batch {meas:.0f} measured" if meas is not None else "not reached in the batches measured") \
+                + (f", {fit:.0f} fitted" if fit is not None else ", never by the fit") \
+                + f" (ratio's limit {c['limit_ratio']:.2f})"
+            nums[m] = {"measured": meas, "fitted": fit, "limit": round(c["limit_ratio"], 4)}
+        row("Coconut/CoT step ratio as a curve: the batch from which it is within 1.3x (`coconut_cost_curve.png`)",
+            "a batch", cells, nums)
+    d = files.get("trl_comparison")
+    if d:
+        for key, label in (("grpo", "Switch-GRPO step (text only) vs TRL `GRPOTrainer` step"),
+                           ("sft", "SFT step (SWITCH phase 1) vs TRL `SFTTrainer` step")):
+            rs = [r for r in d.get(key, []) if key != "sft" or r.get("phase", "").startswith("SWITCH")]
+            if rs:
+                row(label, "<= 1.0x", {r["model"]: f"{_x(r['ours_vs_trl']['median'])}, loss rel. diff "
+                                                   f"{_parity(r):.0e}" for r in rs},
+                    {r["model"]: {"ratio": round(r["ours_vs_trl"]["median"], 4), "loss_rel_diff": _parity(r)}
+                     for r in rs})
+        rs = [r for r in d.get("sft", []) if r.get("phase", "").startswith("Coconut")]
+        if rs:
+            row("SFT step (Coconut stage 0) vs TRL `SFTTrainer` step", "<= 1.0x",
+                {r["model"]: f"{_x(r['ours_vs_trl']['median'])}, loss rel. diff {_parity(r):.0e}" for r in rs},
+                {r["model"]: {"ratio": round(r["ours_vs_trl"]["median"], 4), "loss_rel_diff": _parity(r)} for r in rs})
+        rs = d.get("grpo", [])
+        if rs:
+            row("Switch-GRPO step with SWITCH blocks (latent steps) vs the same step text only", "",
+                {r["model"]: f"{_x(r['blocks_vs_text']['median'])} "
+                             f"({r['last']['ours_blocks']['latent_steps']:.1f} latent steps per completion)" for r in rs},
+                {r["model"]: round(r["blocks_vs_text"]["median"], 4) for r in rs})
     machine = next((f["machine"] for f in files.values() if "machine" in f), {})
     written = sorted(f.get("written_at", "") for f in files.values() if f.get("written_at"))
     return {"date": written[-1][:10] if written else None, "threads": machine.get("threads"),
             "cpu_count": machine.get("cpu_count"), "torch": machine.get("torch"), "source": "benchmarks/results",
             "rows": rows}
+
+
+def _parity(r: dict) -> float:
+    """The largest relative loss difference of a TRL comparison row (ours vs TRL on the same batch)."""
+    lp = r["loss_parity"]
+    return max(v["rel_diff"] for v in lp.values()) if "rel_diff" not in lp else lp["rel_diff"]
 
 
 def collect(project: Path, run: str, previous: dict | None = None) -> dict:
@@ -255,12 +303,35 @@ def render(data: dict) -> dict[str, str]:
                                 _g(r["latent_steps"])] for r in res["main"]])
         if n:
             lines += ["", f"Each row: {'/'.join(map(str, n))} test problems, greedy decoding, one grading function."]
+        if res.get("runs") and len(res["runs"]) > 1:
+            main_s = res["runs"].get(data.get("run", ""))
+            lines += ["", "Runs of `make pipeline` (the main run, then the parameter file's task runs): " + ", ".join(
+                f"`{r}` {t} s" for r, t in res["runs"].items())
+                + (f"; in all {sum(res['runs'].values())} s, {sum(res['runs'].values()) / main_s:.2f}x the main "
+                   "run alone." if main_s else ".")]
         if res.get("probes"):
             lines += ["", "The probes (05_probes, `probes_summary.csv`):", ""]
             lines += _table(["measurement", "model", "value"],
                             [[p["measurement"], p["model"], "" if p["value"] is None else f"{p['value']:.3f}"]
                              for p in res["probes"]])
         out["results"] = "\n".join(lines)
+        t1 = res.get("table1")
+        if not t1:
+            out["table1"] = (f"No Table 1 across tasks in the collected run `{data.get('run', '')}`: `make pipeline` "
+                             "writes it when the parameter file has task runs.")
+        else:
+            cols = t1["columns"]
+
+            def cell(c, v):
+                if v is None:
+                    return ""
+                return _pct(v) if c.endswith("accuracy") else (_g(v) if isinstance(v, (int, float)) else str(v))
+
+            out["table1"] = "\n".join(
+                [f"Coconut's Table 1 from the same `make pipeline` (`reports/{data.get('run', '')}/tables/"
+                 "table1_tasks.csv`): one model per row and task, trained and evaluated by notebooks 00 and 02 of "
+                 "each task's run; accuracy on the test split, visible tokens per answer.", ""]
+                + _table(cols, [[cell(c, v) for c, v in zip(cols, r)] for r in t1["rows"]]))
     bench = data.get("benchmarks")
     if bench:
         lines = [_provenance(bench, "Measured by `make bench`"), ""]

@@ -48,6 +48,11 @@ def _fake_run(root: Path, run: str) -> None:
     (root / "reports" / run / "pipeline.json").write_text(json.dumps(
         {"total_seconds": 100.4, "stages": [{"stage": "00_teacher_extraction", "status": "ok", "seconds": 60.2},
                                             {"stage": "04_evaluation", "status": "ok", "seconds": 40.1}]}))
+    (tables / "table1_tasks.csv").write_text(
+        "method,chain accuracy,chain visible tokens,graph accuracy,graph visible tokens\n"
+        "CoT,1.0,8.0,0.71,9.5\nCoconut,0.96,2.0,0.93,2.0\n")
+    (root / "reports" / run / "pipeline_runs.json").write_text(json.dumps(
+        {"runs": {run: 100.4, f"{run}-graph": 50.2}, "total_seconds": 150.6}))
     (root / "reports" / run / "run_info.json").write_text(json.dumps(
         {"written_at": "2026-12-01T10:00:00", "commit": "abc123", "threads": 2, "cpu_count": 2}))
     res = root / "benchmarks" / "results"
@@ -60,7 +65,14 @@ def _fake_run(root: Path, run: str) -> None:
         "evaluation": {"problems": 500, "speedup": 30.44, "identical_answers": 500},
         "training": [{"batch": 32, "loss_abs_diff": 0.0, "engine_over_reference": 0.42},
                      {"batch": 128, "loss_abs_diff": 0.0, "engine_over_reference": 0.17}]}))
+    (res / "trl_comparison.json").write_text(json.dumps({"machine": machine, "written_at": "2026-12-01T12:00:00",
+        "grpo": [{"model": "tiny", "ours_vs_trl": {"median": 0.86}, "blocks_vs_text": {"median": 2.17},
+                  "loss_parity": {"bnpo": {"rel_diff": 1.5e-07}, "grpo": {"rel_diff": 1.6e-06}},
+                  "last": {"ours_blocks": {"latent_steps": 8.27}}}],
+        "sft": [{"model": "tiny", "phase": "SWITCH phase 1", "ours_vs_trl": {"median": 0.79},
+                 "loss_parity": {"rel_diff": 2e-7}}]}))
     (root / "README.md").write_text("# x\n\n<!-- readme:results -->\nold\n<!-- /readme:results -->\n\ntext\n\n"
+                                    "<!-- readme:table1 -->\n<!-- /readme:table1 -->\n\n"
                                     "<!-- readme:benchmarks -->\n<!-- /readme:benchmarks -->\n")
 
 
@@ -78,6 +90,10 @@ def test_the_command_collects_a_run_writes_the_numbers_and_checks_the_readme(tmp
     assert "| accuracy change, zero | SWITCH | -0.878 |" in text
     assert "| K=6 latent steps + T text tokens vs `model.generate`, batch 1 / 8 / 32 | >= 0.9 | 0.97 / 0.97 / 0.97 |" in text
     assert "30.4x, identical answers 500/500" in text and "loss diff 0, 0.42x / 0.17x the time" in text
+    assert "| Coconut | 96.0% | 2 | 93.0% | 2 |" in text  # Table 1 across the tasks
+    assert "`x` 100 s, `x-graph` 50 s; in all 150 s, 1.50x the main run alone" in text
+    assert "| Switch-GRPO step (text only) vs TRL `GRPOTrainer` step | <= 1.0x | 0.86x, loss rel. diff 2e-06 |" in text
+    assert "| SFT step (SWITCH phase 1) vs TRL `SFTTrainer` step | <= 1.0x | 0.79x, loss rel. diff 2e-07 |" in text
     assert text.startswith("# x\n") and "\ntext\n" in text
     assert readme.main(["--check", "--run", "x", "--project", str(tmp_path)]) == 0
     (tmp_path / "README.md").write_text(text.replace("96.4%", "97.0%"))
