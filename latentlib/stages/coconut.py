@@ -355,12 +355,14 @@ def coconut_variants(run: str, cfg: CoconutStageConfig, *, progress: bool = True
 
 
 def vcr_memory(run: str, cfg: CoconutStageConfig) -> pd.DataFrame:
-    """One training step at the last stage with and without SEQ-VCR, from the CoT base: the
-    bytes autograd keeps for the backward (exact) and the step's wall time."""
+    """One training step at the last stage with and without SEQ-VCR, from the CoT base
+    trained the way Coconut trains it (LoRA for a real preset): the bytes autograd keeps
+    for the backward (exact) and the step's wall time."""
     import time
 
     preset, task = task_of(cfg.model, cfg.task)
     model, tok = load_trained(run, preset, _base_dir(run, "cot"))
+    model = lora_for_preset(model, tok, preset, tokens=("<bot>", "<eot>", "<pause>"))
     ids = token_ids(tok)
     encoded = [encode_record(tok, r, task.format) for r in task.splits.train[:cfg.batch_size]]
     rows = []
