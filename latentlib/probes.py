@@ -435,34 +435,29 @@ NODE_GROUPS = ("reached", "frontier", "optimal", "unreachable")
 shortest path to the answer; ``unreachable``, not reachable in k edges (farther, or never)."""
 
 
+def _bfs_distances(adjacency: list[list[int]], start: int) -> list[int]:
+    """Shortest distances from ``start`` along ``adjacency`` (-1: not reached)."""
+    dist = [-1] * len(adjacency)
+    dist[start] = 0
+    queue = [start]
+    for v in queue:
+        for u in adjacency[v]:
+            if dist[u] < 0:
+                dist[u] = dist[v] + 1
+                queue.append(u)
+    return dist
+
+
 def root_depths(meta: dict) -> list[int]:
     """Each node's shortest distance from the root (-1: the root cannot reach it)."""
     if "depth" in meta:
         return list(meta["depth"])
-    children, _ = _graph(meta)
-    depth = [-1] * len(children)
-    depth[meta["root"]] = 0
-    queue = [meta["root"]]
-    for v in queue:
-        for c in children[v]:
-            if depth[c] < 0:
-                depth[c] = depth[v] + 1
-                queue.append(c)
-    return depth
+    return _bfs_distances(_graph(meta)[0], meta["root"])
 
 
 def target_distances(meta: dict) -> list[int]:
     """Each node's shortest distance to the answer (-1: it cannot reach it)."""
-    _, parents = _graph(meta)
-    dist = [-1] * len(parents)
-    dist[meta["target"]] = 0
-    queue = [meta["target"]]
-    for v in queue:
-        for p in parents[v]:
-            if dist[p] < 0:
-                dist[p] = dist[v] + 1
-                queue.append(p)
-    return dist
+    return _bfs_distances(_graph(meta)[1], meta["target"])
 
 
 def node_groups(meta: dict, k: int) -> list[str]:
