@@ -16,12 +16,15 @@ into a safetensors file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import random
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,21 @@ __all__ = ["runs_root", "stage_dir", "artifact_dir", "MissingArtifactError", "Co
            "atomic_dir", "write_complete", "is_complete", "require_artifact", "save_tree", "load_tree",
            "save_json", "load_json", "versions", "rng_state", "set_rng_state", "save_state_dict",
            "load_state_dict_file", "save_model", "load_model_dir", "read_meta", "pretrained_state", "write_pretrained",
-           "is_peft"]
+           "is_peft", "peft_quiet"]
 
 COMPLETE = "COMPLETE"
+
+
+@contextlib.contextmanager
+def peft_quiet() -> Iterator[None]:
+    """Silences the one deprecation that peft (0.18-0.21) raises from inside its own
+    ``PeftModel.__init__``: it reads ``model.is_gradient_checkpointing``, which transformers
+    5.2x renamed ``is_activation_checkpointing``. The call is peft's, nothing a caller can
+    change; every other warning passes through."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 class MissingArtifactError(FileNotFoundError):
@@ -349,7 +364,8 @@ def load_model_dir(directory: Path, base=None):
                 raise ValueError(f"{directory} holds a LoRA adapter (only what was trained): pass the model it was "
                                  "trained from as base=")
             base_model = base() if callable(base) else base
-            model = PeftModel.from_pretrained(base_model, directory).merge_and_unload()
+            with peft_quiet():
+                model = PeftModel.from_pretrained(base_model, directory).merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - reported by check_all_ranks

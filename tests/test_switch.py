@@ -4,6 +4,7 @@ inference and the published adapter layout."""
 import pytest
 import torch
 
+from latentlib import artifacts
 from latentlib.batching import collate, encode_record
 from latentlib.methods import switch as sw
 from latentlib.methods.switch import BlockPlan, Span
@@ -323,7 +324,8 @@ def test_load_switch_adapter_in_the_published_layout(tmp_path):
     add_special_tokens(base, tok, ("<swi>", "</swi>", "<latent>"))
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], ensure_weight_tying=True,
                      **trainable_token_config(tok, whole_matrices=True))
-    model = get_peft_model(base, cfg)
+    with artifacts.peft_quiet():  # peft reads a renamed transformers property
+        model = get_peft_model(base, cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n or "modules_to_save" in n:
@@ -439,7 +441,8 @@ def test_a_smollm2_switch_adapter_loads_with_the_cards_quick_start(tmp_path, smo
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     base, _ = load_model("smollm2-135m")
     base.resize_token_embeddings(len(tokenizer))
-    loaded = PeftModel.from_pretrained(base, adapter).eval()
+    with artifacts.peft_quiet():  # peft reads a renamed transformers property
+        loaded = PeftModel.from_pretrained(base, adapter).eval()
     tokenizer.padding_side = "left"
     after = sw.evaluate_switch(loaded, tokenizer, records, cfg, Format("\n"), batch_size=8)
     assert after.prediction.tolist() == before.prediction.tolist()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from latentlib.artifacts import peft_quiet
+
 __all__ = ["apply_lora", "lora_for_preset"]
 
 
@@ -20,7 +22,8 @@ def apply_lora(model, *, r: int, alpha: float, targets: Sequence[str], dropout: 
                          f"{sorted(n for n in present if 'proj' in n or 'attn' in n)[:8]}: use the preset's targets")
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                         task_type="CAUSAL_LM", **{"bias": "none", **extra})
-    return get_peft_model(model, config)
+    with peft_quiet():
+        return get_peft_model(model, config)
 
 
 def lora_for_preset(model, tokenizer, preset, tokens: Sequence[str] = ()):

@@ -120,7 +120,8 @@ def load_qthink(directory: Path, *, base_model=None):
             source = base_model or json.loads((directory / "adapter_config.json").read_text())[
                 "base_model_name_or_path"]
             base_model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
-        model = PeftModel.from_pretrained(base_model, directory)
+        with artifacts.peft_quiet():
+            model = PeftModel.from_pretrained(base_model, directory)
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     model.eval()

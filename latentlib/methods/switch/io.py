@@ -75,7 +75,8 @@ def load_switch_adapter(base_model_or_preset, adapter_dir, *, is_trainable: bool
         # as the tokens were added for training (mean rows): the adapter holds only what was trained
         grow_embeddings(base, len(tokenizer))
     try:
-        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+        with artifacts.peft_quiet():
+            model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
     except RuntimeError as e:
         if "size mismatch" not in str(e):
             raise
