@@ -227,6 +227,11 @@ def _task_name(params: dict[str, dict], preset: str) -> str:
     return named[0] if named else get_preset(preset).task
 
 
+# the accuracy of a guess, for the dashed lines of the Table 1 figure: a digit mod 10 for chain,
+# one of the two candidate concepts for the graph tasks
+CHANCE = {"chain": 0.1, "graph": 0.5, "prosqa": 0.5, "prontoqa": 0.5}
+
+
 def _table1_across_tasks(run: str, preset: str, runs: dict[str, str]) -> None:
     """Coconut's Table 1 of every run (its 02_curriculum's ``coconut_table1``) side by
     side, one column per task, with a figure, in ``reports/<run>/``."""
@@ -244,7 +249,8 @@ def _table1_across_tasks(run: str, preset: str, runs: dict[str, str]) -> None:
     wide.to_csv(report / "tables" / "table1_tasks.csv", index=False)
     (report / "tables" / "table1_tasks.md").write_text(wide.to_markdown(index=False) + "\n\nRuns: " + ", ".join(
         f"{task}: reports/{r}/" for task, r in runs.items()) + "\n")
-    fig = plots.table1_tasks(long, title=f"Coconut's Table 1 on {' and '.join(tables)} ({preset}; plain format)")
+    fig = plots.table1_tasks(long, title=f"Coconut's Table 1 on {' and '.join(tables)} ({preset}; plain format)",
+                             chance={t: CHANCE[t] for t in tables if t in CHANCE})
     fig.savefig(report / "figures" / "table1_tasks.png", dpi=120, bbox_inches="tight")
     print(f"[pipeline] Table 1 across tasks: {report / 'tables' / 'table1_tasks.csv'}", flush=True)
 

@@ -235,10 +235,12 @@ def lens_matrices(matrices: dict, *, title: str = "thought k decodes to step j")
 # ---------------------------------------------------------------------------- Table 1 across tasks, the graph sweep
 
 
-def table1_tasks(table: pd.DataFrame, *, title: str = "Coconut's Table 1 on the embedded tasks"):
+def table1_tasks(table: pd.DataFrame, *, title: str = "Coconut's Table 1 on the embedded tasks",
+                 chance: dict[str, float] | None = None):
     """Grouped bars: accuracy of each Table 1 row (``method``) on each task, with the visible
     tokens written above each bar (``table``: one row per method and task, with ``accuracy``
-    in [0, 1] and ``visible_tokens``)."""
+    in [0, 1] and ``visible_tokens``). ``chance`` (task -> accuracy of a guess) draws a
+    dashed line per task in its bars' colour."""
     import numpy as np
 
     methods = list(dict.fromkeys(table.method))
@@ -249,6 +251,9 @@ def table1_tasks(table: pd.DataFrame, *, title: str = "Coconut's Table 1 on the 
         sub = table[table.task == task].set_index("method").reindex(methods)
         x = np.arange(len(methods)) + (i - (len(tasks) - 1) / 2) * width
         bars = ax.bar(x, 100 * sub.accuracy, width, label=task)
+        if chance and task in chance:
+            ax.axhline(100 * chance[task], color=bars.patches[0].get_facecolor(), ls="--", lw=1.0,
+                       label=f"{task}: chance {100 * chance[task]:.0f}%")
         for bar, tokens in zip(bars, sub.visible_tokens):
             if not np.isnan(tokens):
                 ax.annotate(f"{tokens:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
