@@ -204,14 +204,14 @@ def collect_benchmarks(results: Path) -> dict | None:
                            ("sft", "SFT step (SWITCH phase 1) vs TRL `SFTTrainer` step")):
             rs = [r for r in d.get(key, []) if key != "sft" or r.get("phase", "").startswith("SWITCH")]
             if rs:
-                row(label, "<= 1.0x", {r["model"]: f"{_x(r['ours_vs_trl']['median'])}, loss rel. diff "
-                                                   f"{_parity(r):.0e}" for r in rs},
+                row(label, "<= 1.0x; same loss", {r["model"]: f"{_x(r['ours_vs_trl']['median'])}, "
+                                                             f"{_parity_text(r)}" for r in rs},
                     {r["model"]: {"ratio": round(r["ours_vs_trl"]["median"], 4), "loss_rel_diff": _parity(r)}
                      for r in rs})
         rs = [r for r in d.get("sft", []) if r.get("phase", "").startswith("Coconut")]
         if rs:
-            row("SFT step (Coconut stage 0) vs TRL `SFTTrainer` step", "<= 1.0x",
-                {r["model"]: f"{_x(r['ours_vs_trl']['median'])}, loss rel. diff {_parity(r):.0e}" for r in rs},
+            row("SFT step (Coconut stage 0) vs TRL `SFTTrainer` step", "<= 1.0x; same loss",
+                {r["model"]: f"{_x(r['ours_vs_trl']['median'])}, {_parity_text(r)}" for r in rs},
                 {r["model"]: {"ratio": round(r["ours_vs_trl"]["median"], 4), "loss_rel_diff": _parity(r)} for r in rs})
         rs = d.get("grpo", [])
         if rs:
@@ -226,10 +226,23 @@ def collect_benchmarks(results: Path) -> dict | None:
             "rows": rows}
 
 
+def _parities(r: dict) -> list[dict]:
+    lp = r["loss_parity"]
+    return [lp] if "rel_diff" in lp else list(lp.values())
+
+
 def _parity(r: dict) -> float:
     """The largest relative loss difference of a TRL comparison row (ours vs TRL on the same batch)."""
-    lp = r["loss_parity"]
-    return max(v["rel_diff"] for v in lp.values()) if "rel_diff" not in lp else lp["rel_diff"]
+    return max(p["rel_diff"] for p in _parities(r))
+
+
+def _parity_text(r: dict) -> str:
+    """The largest loss difference of a row, and whether every loss type was within the
+    benchmark's tolerance (absolute plus relative, as ``torch.allclose``)."""
+    ps = _parities(r)
+    within = all(p.get("within_tolerance", p["rel_diff"] < p.get("tolerance_rel", 1e-5)) for p in ps)
+    return (f"loss diff {max(p['abs_diff'] for p in ps):.0e} (rel. {_parity(r):.0e}, "
+            f"{'within' if within else 'outside'} tolerance)")
 
 
 def collect(project: Path, run: str, previous: dict | None = None) -> dict:
