@@ -39,6 +39,6 @@ def lora_for_preset(model, tokenizer, preset, tokens: Sequence[str] = ()):
     if tokens:
         ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
         extra["trainable_token_indices"] = {"embed_tokens": ids}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    return apply_lora(model, r=preset.lora_r, alpha=preset.lora_alpha, targets=preset.lora_targets,
-                      ensure_weight_tying=tied, **extra)
+    # peft's trainable token rows reach a tied LM head by themselves (ensure_weight_tying is for
+    # modules_to_save and target_modules; asked here, peft only warns that it has nothing to tie)
+    return apply_lora(model, r=preset.lora_r, alpha=preset.lora_alpha, targets=preset.lora_targets, **extra)
