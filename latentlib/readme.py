@@ -114,11 +114,18 @@ def collect_benchmarks(results: Path) -> dict | None:
         return None
     rows = []
 
+    source = {"date": None}
+
+    def use(name: str) -> dict | None:
+        """The file ``name``; the rows made next are dated by it."""
+        source["date"] = (files.get(name) or {}).get("written_at", "")[:10] or None
+        return files.get(name)
+
     def row(measurement, target, cells: dict, numbers: dict):
         rows.append({"measurement": measurement, "target": target, "tiny": cells.get("tiny", ""),
-                     "smollm2-135m": cells.get("smollm2-135m", ""), "numbers": numbers})
+                     "smollm2-135m": cells.get("smollm2-135m", ""), "numbers": numbers, "date": source["date"]})
 
-    d = files.get("engine_decode")
+    d = use("engine_decode")
     if d:
         models = _by_model(d["rows"], "batch")
         batches = " / ".join(str(r["batch"]) for r in next(iter(models.values())))
@@ -128,7 +135,7 @@ def collect_benchmarks(results: Path) -> dict | None:
                                     ">= 0.85")):
             nums = {m: [round(r[key], 4) for r in rs] for m, rs in models.items()}
             row(label, target, {m: " / ".join(f"{v:.2f}" for v in vs) for m, vs in nums.items()}, nums)
-    d = files.get("coconut_reference")
+    d = use("coconut_reference")
     if d:
         e = d["evaluation"]
         row(f"batched evaluation vs the published one-at-a-time, no-cache decoding ({e['problems']} problems)",
@@ -142,7 +149,7 @@ def collect_benchmarks(results: Path) -> dict | None:
             {"tiny": f"loss diff {diff:.0e}, {' / '.join(_x(t['engine_over_reference']) for t in tr)} the time"
              if diff else f"loss diff 0, {' / '.join(_x(t['engine_over_reference']) for t in tr)} the time"},
             {"loss_abs_diff": diff, "engine_over_reference": [round(t["engine_over_reference"], 4) for t in tr]})
-    d = files.get("coconut_training_cost")
+    d = use("coconut_training_cost")
     if d:
         by = {r["variant"]: r for r in d["rows"]}
         real = {r["variant"]: r for r in d.get("real_model", [])}
@@ -172,21 +179,21 @@ def collect_benchmarks(results: Path) -> dict | None:
             nums["smollm2-135m"] = round(real["coconut"]["memory_vs_cot"], 4)
         if cells:
             row("memory saved for backward vs CoT (activation checkpointing)", "<= 1.5x", cells, nums)
-    d = files.get("grpo_step")
+    d = use("grpo_step")
     if d and d.get("rows"):
         r = d["rows"][0]
         row(f"Switch-GRPO step, G={r['G']} x {r['prompts']} prompts", "",
             {"tiny": f"rollout {r['rollout_fraction']:.0%} of the step; one engine call {r['batched_speedup']:.1f}x "
                      "faster than one per group"},
             {"rollout_fraction": round(r["rollout_fraction"], 4), "batched_speedup": round(r["batched_speedup"], 3)})
-    d = files.get("engine_scaling")
+    d = use("engine_scaling")
     if d and d.get("linear_fits"):
         fits = d["linear_fits"]
         cells = {m: " / ".join(f"{fits[f'{m}/{k}']['r2']:.3f}" for k in ("K", "T") if f"{m}/{k}" in fits)
                  for m in dict.fromkeys(k.split("/")[0] for k in fits)}
         row("training step vs thoughts K / written length T", "linear",
             {m: f"R^2 {c}" for m, c in cells.items()}, {k: round(v["r2"], 4) for k, v in fits.items()})
-    d = files.get("coconut_cost_curve")
+    d = use("coconut_cost_curve")
     if d and d.get("crossover"):
         cells, nums = {}, {}
         for m, c in d["crossover"].items():
@@ -198,7 +205,7 @@ def collect_benchmarks(results: Path) -> dict | None:
             nums[m] = {"measured": meas, "fitted": fit, "limit": round(c["limit_ratio"], 4)}
         row("Coconut/CoT step ratio as a curve: the batch from which it is within 1.3x (`coconut_cost_curve.png`)",
             "a batch", cells, nums)
-    d = files.get("trl_comparison")
+    d = use("trl_comparison")
     if d:
         for key, label in (("grpo", "Switch-GRPO step (text only) vs TRL `GRPOTrainer` step"),
                            ("sft", "SFT step (SWITCH phase 1) vs TRL `SFTTrainer` step")):
@@ -262,10 +269,25 @@ def collect(project: Path, run: str, previous: dict | None = None) -> dict:
     bench = collect_benchmarks(project / "benchmarks" / "results")
     if bench is not None:
         bench["commit"] = commit  # benchmarks/results record no commit: the checkout's when collected
-        data["benchmarks"] = bench
+        data["benchmarks"] = _merge_benchmarks(bench, previous.get("benchmarks"))
     elif "benchmarks" in previous:
         data["benchmarks"] = previous["benchmarks"]
     return data
+
+
+def _merge_benchmarks(bench: dict, previous: dict | None) -> dict:
+    """This collection's rows, each dated, then the rows of ``previous`` that no file
+    collected now measures (a benchmark not re-run), each with the date it was measured."""
+    for r in bench["rows"]:
+        r.setdefault("date", bench.get("date"))
+    if previous:
+        now = {r["measurement"] for r in bench["rows"]}
+        kept = [{**r, "date": r.get("date") or previous.get("date")} for r in previous.get("rows", [])
+                if r["measurement"] not in now]
+        bench = {**bench, "rows": bench["rows"] + kept}
+        if kept:
+            bench["note"] = "each row says when it was measured; rows of benchmarks not re-run since are kept"
+    return bench
 
 
 # ------------------------------------------------------------------------------------------------------- render
@@ -348,8 +370,10 @@ def render(data: dict) -> dict[str, str]:
     bench = data.get("benchmarks")
     if bench:
         lines = [_provenance(bench, "Measured by `make bench`"), ""]
-        lines += _table(["measurement", "target", "tiny", "smollm2-135m"],
-                        [[r["measurement"], r["target"], r["tiny"], r["smollm2-135m"]] for r in bench["rows"]])
+        dated = any(r.get("date") for r in bench["rows"])
+        lines += _table(["measurement", "target", "tiny", "smollm2-135m"] + (["measured"] if dated else []),
+                        [[r["measurement"], r["target"], r["tiny"], r["smollm2-135m"]]
+                         + ([r.get("date") or bench.get("date") or ""] if dated else []) for r in bench["rows"]])
         out["benchmarks"] = "\n".join(lines)
     return out
 

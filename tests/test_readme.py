@@ -117,3 +117,17 @@ def test_a_part_without_new_files_keeps_the_committed_numbers(tmp_path):
 def test_the_readme_markers_must_exist():
     with pytest.raises(ValueError, match="markers"):
         readme.update_readme("# no markers\n", {"results": "x"})
+
+
+def test_rows_of_benchmarks_not_re_run_are_kept_with_the_date_they_were_measured(tmp_path):
+    _fake_run(tmp_path, "x")
+    (tmp_path / "benchmarks" / "results" / "engine_decode.json").unlink()
+    previous = {"benchmarks": {"date": "2026-11-22", "rows": [
+        {"measurement": "m (an older benchmark)", "target": "t", "tiny": "1", "smollm2-135m": ""}]}}
+    data = readme.collect(tmp_path, "x", previous)
+    rows = {r["measurement"]: r for r in data["benchmarks"]["rows"]}
+    assert rows["m (an older benchmark)"]["date"] == "2026-11-22"
+    assert all(r["date"] == "2026-12-01" for m, r in rows.items() if m != "m (an older benchmark)")
+    assert not any(r["measurement"].startswith("K=6") for r in data["benchmarks"]["rows"])  # nothing invented
+    text = readme.render(data)["benchmarks"]
+    assert "| measured |" in text and "| m (an older benchmark) | t | 1 |  | 2026-11-22 |" in text
