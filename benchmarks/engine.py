@@ -185,6 +185,7 @@ def main(argv=None):
     ap.add_argument("--models", default="tiny,smollm2-135m")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--decode-only", action="store_true", help="only the engine-vs-generate ratios (no scaling runs)")
     args = ap.parse_args(argv)
     threads = set_threads()
     print(f"threads: {threads}")
@@ -192,15 +193,19 @@ def main(argv=None):
     for name in args.models.split(","):
         T = 10 if name == "tiny" else 26
         decode += decode_benchmarks(name, [int(b) for b in args.batches.split(",")], K=6, T=T, repeats=args.repeats)
+        if args.decode_only:
+            continue
         reps = max(2, args.repeats // 2)
         ks = [0, 2, 4, 8, 12, 16, 24, 32] if name == "tiny" else [0, 4, 8, 16]
         scaling += [{**r, "series": "K"} for r in scaling_in_k(name, ks, batch=8, repeats=reps)]
         lengths = [16, 32, 64, 128] if name == "tiny" else [16, 32, 64]
         scaling += [{**r, "series": "T"} for r in scaling_in_length(name, lengths, K=8, batch=8, repeats=reps)]
+    save("engine_decode", {"rows": decode, "targets": {"latent_ratio": 1.0, "mixed_ratio": 1.0}})
+    if args.decode_only:
+        return decode, scaling
     fits = {f"{m}/{key}": linear_fit(*zip(*[(r[key], r["step_s"]) for r in scaling if r["model"] == m
                                             and r["series"] == key]))
             for m in dict.fromkeys(r["model"] for r in scaling) for key in ("K", "T")}
-    save("engine_decode", {"rows": decode, "targets": {"latent_ratio": 0.9, "mixed_ratio": 0.85}})
     save("engine_scaling", {"rows": scaling, "linear_fits": fits})
     scaling_figure(scaling, RESULTS / "scaling.png")
     return decode, scaling

@@ -27,7 +27,8 @@ def summary() -> str:
         lines.append("| model | batch | generate tok/s | latent K+T | mixed-mode |\n|---|---|---|---|---|")
         for r in d["rows"]:
             lines.append(f"| {r['model']} | {r['batch']} | {r['generate_tok_per_s']:.0f} | "
-                         f"{_ok(r['latent_ratio'], 0.9)} | {_ok(r['mixed_ratio'], 0.85)} |")
+                         f"{_ok(r['latent_ratio'], d.get('targets', {}).get('latent_ratio', 0.9))} | "
+                         f"{_ok(r['mixed_ratio'], d.get('targets', {}).get('mixed_ratio', 0.85))} |")
     p = RESULTS / "engine_scaling.json"
     if p.exists():
         d = json.loads(p.read_text())

@@ -130,9 +130,9 @@ def collect_benchmarks(results: Path) -> dict | None:
         models = _by_model(d["rows"], "batch")
         batches = " / ".join(str(r["batch"]) for r in next(iter(models.values())))
         for key, label, target in (("latent_ratio", f"K=6 latent steps + T text tokens vs `model.generate`, batch "
-                                    f"{batches}", ">= 0.9"),
+                                    f"{batches}", f">= {d.get('targets', {}).get('latent_ratio', 0.9):g}"),
                                    ("mixed_ratio", f"mixed-mode SWITCH batch vs `model.generate`, batch {batches}",
-                                    ">= 0.85")):
+                                    f">= {d.get('targets', {}).get('mixed_ratio', 0.85):g}")):
             nums = {m: [round(r[key], 4) for r in rs] for m, rs in models.items()}
             row(label, target, {m: " / ".join(f"{v:.2f}" for v in vs) for m, vs in nums.items()}, nums)
     d = use("coconut_reference")
