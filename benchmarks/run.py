@@ -124,17 +124,20 @@ def summary() -> str:
             lines.append(f"| Switch-GRPO, text only | {r['model']} | G={r['G']} x {r['prompts']} prompts, "
                          f"{r['max_completion_length']} tokens, {r['trainable']} | {r['threads']} | "
                          f"{r['median_s']['ours']:.2f} | {r['median_s']['trl']:.2f} | "
-                         f"{_ok(r['ours_vs_trl']['median'], 1.0, False)} | {par:.1e} ({d['loss_rtol']:g}) |")
+                         f"{_ok(r['ours_vs_trl']['median'], 1.0, False)} | {par:.1e} ({d.get('loss_atol', 0):g} + {d['loss_rtol']:g}) |")
             lines.append(f"| Switch-GRPO with SWITCH blocks | {r['model']} | "
                          f"{r['last']['ours_blocks']['latent_steps']:.1f} latent steps per completion | "
                          f"{r['threads']} | {r['median_s']['ours_blocks']:.2f} | | "
                          f"{r['blocks_vs_text']['median']:.2f}x our text-only step, "
                          f"{r['blocks_vs_trl']['median']:.2f}x TRL's | |")
         for r in d.get("sft", []):
+            if r.get("skipped"):
+                lines.append(f"| {r['phase']} SFT | {r['model']} | {r['skipped']} | | | | | |")
+                continue
             lines.append(f"| {r['phase']} SFT | {r['model']} | batch {r['batch']}, {r['length']} tokens, "
                          f"{r['trainable']} | {r['threads']} | {r['median_s']['ours']:.3f} | "
                          f"{r['median_s']['trl']:.3f} | {_ok(r['ours_vs_trl']['median'], 1.0, False)} | "
-                         f"{r['loss_parity']['rel_diff']:.1e} ({d['loss_rtol']:g}) |")
+                         f"{r['loss_parity']['rel_diff']:.1e} ({d.get('loss_atol', 0):g} + {d['loss_rtol']:g}) |")
         if d.get("memory"):
             lines.append("\nPeak resident memory, one fresh process per candidate (peak over one step after a "
                          "warm-up step; above: what the step adds to the resident set before it):\n")

@@ -207,19 +207,23 @@ def collect_benchmarks(results: Path) -> dict | None:
             "a batch", cells, nums)
     d = use("trl_comparison")
     if d:
-        for key, label in (("grpo", "Switch-GRPO step (text only) vs TRL `GRPOTrainer` step"),
-                           ("sft", "SFT step (SWITCH phase 1) vs TRL `SFTTrainer` step")):
-            rs = [r for r in d.get(key, []) if key != "sft" or r.get("phase", "").startswith("SWITCH")]
+        def cell(r: dict) -> str:
+            if r.get("skipped"):
+                return "not comparable: " + r["skipped"].split(": ", 1)[-1]
+            return f"{_x(r['ours_vs_trl']['median'])}, {_parity_text(r)}"
+
+        def nums(r: dict):
+            return None if r.get("skipped") else {"ratio": round(r["ours_vs_trl"]["median"], 4),
+                                                  "loss_rel_diff": _parity(r)}
+
+        for label, rs in (
+                ("Switch-GRPO step (text only) vs TRL `GRPOTrainer` step", d.get("grpo", [])),
+                ("SFT step (SWITCH phase 1) vs TRL `SFTTrainer` step",
+                 [r for r in d.get("sft", []) if r.get("phase", "").startswith("SWITCH")]),
+                ("SFT step (Coconut stage 0) vs TRL `SFTTrainer` step",
+                 [r for r in d.get("sft", []) if r.get("phase", "").startswith("Coconut")])):
             if rs:
-                row(label, "<= 1.0x; same loss", {r["model"]: f"{_x(r['ours_vs_trl']['median'])}, "
-                                                             f"{_parity_text(r)}" for r in rs},
-                    {r["model"]: {"ratio": round(r["ours_vs_trl"]["median"], 4), "loss_rel_diff": _parity(r)}
-                     for r in rs})
-        rs = [r for r in d.get("sft", []) if r.get("phase", "").startswith("Coconut")]
-        if rs:
-            row("SFT step (Coconut stage 0) vs TRL `SFTTrainer` step", "<= 1.0x; same loss",
-                {r["model"]: f"{_x(r['ours_vs_trl']['median'])}, {_parity_text(r)}" for r in rs},
-                {r["model"]: {"ratio": round(r["ours_vs_trl"]["median"], 4), "loss_rel_diff": _parity(r)} for r in rs})
+                row(label, "<= 1.0x; same loss", {r["model"]: cell(r) for r in rs}, {r["model"]: nums(r) for r in rs})
         rs = d.get("grpo", [])
         if rs:
             row("Switch-GRPO step with SWITCH blocks (latent steps) vs the same step text only", "",

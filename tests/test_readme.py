@@ -71,7 +71,8 @@ def _fake_run(root: Path, run: str) -> None:
                                   "grpo": {"rel_diff": 1.6e-06, "abs_diff": 9e-09, "within_tolerance": True}},
                   "last": {"ours_blocks": {"latent_steps": 8.27}}}],
         "sft": [{"model": "tiny", "phase": "SWITCH phase 1", "ours_vs_trl": {"median": 0.79},
-                 "loss_parity": {"rel_diff": 2e-3, "abs_diff": 7e-3, "within_tolerance": False}}]}))
+                 "loss_parity": {"rel_diff": 2e-3, "abs_diff": 7e-3, "within_tolerance": False}},
+                {"model": "smollm2-135m", "phase": "Coconut stage 0", "skipped": "TRL: no attribute 'bias'"}]}))
     (root / "README.md").write_text("# x\n\n<!-- readme:results -->\nold\n<!-- /readme:results -->\n\ntext\n\n"
                                     "<!-- readme:table1 -->\n<!-- /readme:table1 -->\n\n"
                                     "<!-- readme:benchmarks -->\n<!-- /readme:benchmarks -->\n")
@@ -97,6 +98,7 @@ def test_the_command_collects_a_run_writes_the_numbers_and_checks_the_readme(tmp
             "(rel. 2e-06, within tolerance) |") in text
     assert ("| SFT step (SWITCH phase 1) vs TRL `SFTTrainer` step | <= 1.0x; same loss | 0.79x, loss diff 7e-03 "
             "(rel. 2e-03, outside tolerance) |") in text
+    assert "| SFT step (Coconut stage 0) vs TRL `SFTTrainer` step | <= 1.0x; same loss |  | not comparable: no attribute 'bias' |" in text
     assert text.startswith("# x\n") and "\ntext\n" in text
     assert readme.main(["--check", "--run", "x", "--project", str(tmp_path)]) == 0
     (tmp_path / "README.md").write_text(text.replace("96.4%", "97.0%"))
