@@ -317,7 +317,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _provenance(part: dict, what: str) -> str:
     bits = [part.get("date") or "date not recorded",
             f"commit `{part['commit']}`" if part.get("commit") else "commit not recorded",
-            (f"{part['threads']} threads" if part.get("threads") else "thread count not recorded")
+            (f"{part['threads']} thread{'' if part['threads'] == 1 else 's'}" if part.get("threads")
+             else "thread count not recorded")
             + (f" on a {part['cpu_count']}-core machine" if part.get("cpu_count") else "")]
     line = f"{what}: {', '.join(bits)}"
     if part.get("note"):
