@@ -29,6 +29,9 @@ from latentlib.tokens import add_special_tokens
 NEVER = -1  # an eos id no token has: both loops run the full length
 
 
+# throughput of the engine over model.generate's, at every batch (latent K+T and a mixed SWITCH batch)
+TARGETS = {"latent_ratio": 1.0, "mixed_ratio": 1.0}
+
 def load(name: str):
     """(model, tokenizer, prompts as token lists)."""
     if name == "tiny":
@@ -88,7 +91,8 @@ def decode_benchmarks(name: str, batches: list[int], K: int, T: int, repeats: in
                "latent_ratio": floor / t["engine_latent"]["min_s"],
                "mixed_ratio": floor / t["engine_mixed"]["min_s"], "times": t}
         print(f"[{name} B={B:>2}] generate {row['generate_tok_per_s']:8.0f} tok/s | latent K={K}+T={T}: "
-              f"{row['latent_ratio']:.3f}x (target >= 0.9) | mixed: {row['mixed_ratio']:.3f}x (target >= 0.85)",
+              f"{row['latent_ratio']:.3f}x (target >= {TARGETS['latent_ratio']:g}) | mixed: {row['mixed_ratio']:.3f}x "
+              f"(target >= {TARGETS['mixed_ratio']:g})",
               flush=True)
         rows.append(row)
     return rows
@@ -200,7 +204,7 @@ def main(argv=None):
         scaling += [{**r, "series": "K"} for r in scaling_in_k(name, ks, batch=8, repeats=reps)]
         lengths = [16, 32, 64, 128] if name == "tiny" else [16, 32, 64]
         scaling += [{**r, "series": "T"} for r in scaling_in_length(name, lengths, K=8, batch=8, repeats=reps)]
-    save("engine_decode", {"rows": decode, "targets": {"latent_ratio": 1.0, "mixed_ratio": 1.0}})
+    save("engine_decode", {"rows": decode, "targets": TARGETS})
     if args.decode_only:
         return decode, scaling
     fits = {f"{m}/{key}": linear_fit(*zip(*[(r[key], r["step_s"]) for r in scaling if r["model"] == m
