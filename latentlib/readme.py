@@ -119,11 +119,13 @@ def collect_benchmarks(results: Path) -> dict | None:
     def use(name: str) -> dict | None:
         """The file ``name``; the rows made next are dated by it."""
         source["date"] = (files.get(name) or {}).get("written_at", "")[:10] or None
+        source["threads"] = ((files.get(name) or {}).get("machine") or {}).get("threads")
         return files.get(name)
 
     def row(measurement, target, cells: dict, numbers: dict):
         rows.append({"measurement": measurement, "target": target, "tiny": cells.get("tiny", ""),
-                     "smollm2-135m": cells.get("smollm2-135m", ""), "numbers": numbers, "date": source["date"]})
+                     "smollm2-135m": cells.get("smollm2-135m", ""), "numbers": numbers, "date": source["date"],
+                     "threads": source.get("threads")})
 
     d = use("engine_decode")
     if d:
@@ -286,11 +288,12 @@ def _merge_benchmarks(bench: dict, previous: dict | None) -> dict:
         r.setdefault("date", bench.get("date"))
     if previous:
         now = {r["measurement"] for r in bench["rows"]}
-        kept = [{**r, "date": r.get("date") or previous.get("date")} for r in previous.get("rows", [])
-                if r["measurement"] not in now]
+        kept = [{**r, "date": r.get("date") or previous.get("date"), "threads": r.get("threads") or previous.get("threads")}
+                for r in previous.get("rows", []) if r["measurement"] not in now]
         bench = {**bench, "rows": bench["rows"] + kept}
         if kept:
-            bench["note"] = "each row says when it was measured; rows of benchmarks not re-run since are kept"
+            bench["note"] = ("each row says when it was measured and with how many torch threads; rows of benchmarks "
+                             "not re-run since are kept")
     return bench
 
 
@@ -314,16 +317,23 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in esc]
 
 
-def _provenance(part: dict, what: str) -> str:
+def _provenance(part: dict, what: str, threads: bool = True) -> str:
     bits = [part.get("date") or "date not recorded",
-            f"commit `{part['commit']}`" if part.get("commit") else "commit not recorded",
-            (f"{part['threads']} thread{'' if part['threads'] == 1 else 's'}" if part.get("threads")
-             else "thread count not recorded")
-            + (f" on a {part['cpu_count']}-core machine" if part.get("cpu_count") else "")]
+            f"commit `{part['commit']}`" if part.get("commit") else "commit not recorded"]
+    if threads:
+        bits.append((f"{part['threads']} thread{'' if part['threads'] == 1 else 's'}" if part.get("threads")
+                     else "thread count not recorded")
+                    + (f" on a {part['cpu_count']}-core machine" if part.get("cpu_count") else ""))
     line = f"{what}: {', '.join(bits)}"
     if part.get("note"):
         line += f" ({part['note']})"
     return line + "."
+
+
+def _when(r: dict, bench: dict) -> str:
+    """A benchmark row's date and the torch threads it ran with."""
+    n = r.get("threads")
+    return (r.get("date") or bench.get("date") or "") + (f", {n} thread{'' if n == 1 else 's'}" if n else "")
 
 
 def render(data: dict) -> dict[str, str]:
@@ -374,11 +384,12 @@ def render(data: dict) -> dict[str, str]:
                 + _table(cols, [[cell(c, v) for c, v in zip(cols, r)] for r in t1["rows"]]))
     bench = data.get("benchmarks")
     if bench:
-        lines = [_provenance(bench, "Measured by `make bench`"), ""]
         dated = any(r.get("date") for r in bench["rows"])
+        # dated rows carry their own threads; the line above them then gives the last date only
+        lines = [_provenance(bench, "Measured by `make bench`", threads=not dated), ""]
         lines += _table(["measurement", "target", "tiny", "smollm2-135m"] + (["measured"] if dated else []),
                         [[r["measurement"], r["target"], r["tiny"], r["smollm2-135m"]]
-                         + ([r.get("date") or bench.get("date") or ""] if dated else []) for r in bench["rows"]])
+                         + ([_when(r, bench)] if dated else []) for r in bench["rows"]])
         out["benchmarks"] = "\n".join(lines)
     return out
 

@@ -133,3 +133,4 @@ def test_rows_of_benchmarks_not_re_run_are_kept_with_the_date_they_were_measured
     assert not any(r["measurement"].startswith("K=6") for r in data["benchmarks"]["rows"])  # nothing invented
     text = readme.render(data)["benchmarks"]
     assert "| measured |" in text and "| m (an older benchmark) | t | 1 |  | 2026-11-22 |" in text
+    assert "| 2026-12-01, 2 threads |" in text  # the rows collected now: their file's date and threads
