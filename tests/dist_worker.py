@@ -78,11 +78,14 @@ def main(argv=None):
     else:
         model = sw.make_trainable(model, tok, preset)
         swi = sw.switch_ids(tok).swi
-        with torch.no_grad():  # make <swi> as likely as the likeliest first token, so that blocks happen
+        with torch.no_grad():  # make <swi> a little likelier than the likeliest first token, so that blocks happen
             q, m = prompt_batch([encode_record(tok, task.splits.train[0], task.format).question], tok.pad_token_id)
             first = int(model(input_ids=q, attention_mask=m).logits[0, -1].argmax())
             head = model.get_output_embeddings().weight
-            head[swi] = head[first]
+            # likelier than the likeliest first token, not tied with it: with two rows of the head
+            # equal, the sampler's choice between them would turn on one-ulp differences between
+            # batchings (2 processes generate their rows in other batches than 1 process)
+            head[swi] = 1.05 * head[first]
         switch_cfg = sw.SwitchConfig(k_min=1, k_max=2)
         G = 2
         grpo = sw.SwitchGRPOConfig(num_generations=G, generation_batch_size=args.batch, max_steps=args.steps,
