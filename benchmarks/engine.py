@@ -32,6 +32,7 @@ NEVER = -1  # an eos id no token has: both loops run the full length
 # throughput of the engine over model.generate's, at every batch (latent K+T and a mixed SWITCH batch)
 TARGETS = {"latent_ratio": 1.0, "mixed_ratio": 1.0}
 
+
 def load(name: str):
     """(model, tokenizer, prompts as token lists)."""
     if name == "tiny":

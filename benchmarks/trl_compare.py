@@ -100,6 +100,7 @@ LOSS_RTOL = 1e-5  # relative difference allowed between the two losses on the sa
 # with the terms (float32 eps 1.2e-7 over a few hundred tokens), not with the small total
 LOSS_ATOL = 1e-6
 SFT_PHASES = {"switch": "SWITCH phase 1", "coconut": "Coconut stage 0"}
+RESULT = "trl_comparison"
 
 
 def loss_parity(our_loss: float, trl_loss: float) -> dict:
@@ -113,7 +114,7 @@ def loss_parity(our_loss: float, trl_loss: float) -> dict:
 def _tolerance_text(p: dict) -> str:
     return (f"|diff| {p['abs_diff']:.2e} (rel {p['rel_diff']:.1e}; tolerance {LOSS_ATOL:g} + {LOSS_RTOL:g} x |TRL|: "
             f"{'within' if p['within_tolerance'] else 'OUTSIDE'})")
-RESULT = "trl_comparison"
+
 
 # per model: prompts per step, G, completion length (the SWITCH card's G = 5; SmolLM2's pipeline uses 4 prompts and
 # 48 tokens per completion), SFT batch, the boost that makes <swi> likely in the blocks-on model
@@ -681,8 +682,8 @@ def sft_bench(name: str, kind: str, repeats: int, s: dict) -> dict:
     preset, ours, trl, batches = sft_pair(name, kind, s)
     B = s["sft_batch"]
     parity = sft_loss_parity(ours, trl, batches[0], B)
-    our_loss, trl_loss, diff = parity["loss_ours"], parity["loss_trl"], parity["abs_diff"]
-    print(f"[{name} sft {kind}] step-0 loss: ours {our_loss:.8f} TRL {trl_loss:.8f} {_tolerance_text(parity)}",
+    print(f"[{name} sft {kind}] step-0 loss: ours {parity['loss_ours']:.8f} TRL {parity['loss_trl']:.8f} "
+          f"{_tolerance_text(parity)}",
           flush=True)
     trl_batches = [trl.batch(range(i * B, (i + 1) * B)) for i in range(len(batches))]
     k = {"ours": 0, "trl": 0}

@@ -114,18 +114,18 @@ def collect_benchmarks(results: Path) -> dict | None:
         return None
     rows = []
 
-    source = {"date": None}
+    source = {"date": None, "threads": None}
 
     def use(name: str) -> dict | None:
-        """The file ``name``; the rows made next are dated by it."""
-        source["date"] = (files.get(name) or {}).get("written_at", "")[:10] or None
-        source["threads"] = ((files.get(name) or {}).get("machine") or {}).get("threads")
+        """The file ``name``; the rows made next carry its date and thread count."""
+        d = files.get(name) or {}
+        source["date"] = d.get("written_at", "")[:10] or None
+        source["threads"] = (d.get("machine") or {}).get("threads")
         return files.get(name)
 
     def row(measurement, target, cells: dict, numbers: dict):
         rows.append({"measurement": measurement, "target": target, "tiny": cells.get("tiny", ""),
-                     "smollm2-135m": cells.get("smollm2-135m", ""), "numbers": numbers, "date": source["date"],
-                     "threads": source.get("threads")})
+                     "smollm2-135m": cells.get("smollm2-135m", ""), "numbers": numbers, **source})
 
     d = use("engine_decode")
     if d:
@@ -282,10 +282,8 @@ def collect(project: Path, run: str, previous: dict | None = None) -> dict:
 
 
 def _merge_benchmarks(bench: dict, previous: dict | None) -> dict:
-    """This collection's rows, each dated, then the rows of ``previous`` that no file
+    """This collection's rows (dated by their files), then the rows of ``previous`` that no file
     collected now measures (a benchmark not re-run), each with the date it was measured."""
-    for r in bench["rows"]:
-        r.setdefault("date", bench.get("date"))
     if previous:
         now = {r["measurement"] for r in bench["rows"]}
         kept = [{**r, "date": r.get("date") or previous.get("date"), "threads": r.get("threads") or previous.get("threads")}
