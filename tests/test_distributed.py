@@ -192,20 +192,25 @@ def test_distributed_engine_gradients_match_one_process(tmp_path, kind):
             assert r["deferred_products"] > 0, r  # deferred weight gradients work under both
 
 
-def _smollm2(mode, cmd, tmp_path, name, env=None):
+def _smollm2(mode, cmd, tmp_path, name, env=None, extra=()):
     out = tmp_path / f"{name}.json"
-    _run([*cmd, ROOT / "tests" / "dist_worker.py", mode, out], env=env, timeout=1800)
+    _run([*cmd, ROOT / "tests" / "dist_worker.py", mode, out, *extra], env=env, timeout=1800)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The one-process runs the 2-process ones are compared with (computed once)."""
+    """The one-process runs the 2-process ones are compared with (computed once); a GRPO
+    run also saves its rollouts, which the 2-process runs replay."""
     cache = {}
 
     def get(mode):
         if mode not in cache:
-            cache[mode] = _smollm2(mode, [sys.executable], tmp_path_factory.mktemp(mode), "one")
+            where = tmp_path_factory.mktemp(mode)
+            rollouts = where / "rollouts.safetensors"
+            cache[mode] = _smollm2(mode, [sys.executable], where, "one",
+                                   extra=("--record", rollouts) if mode == "grpo" else ())
+            cache[mode]["rollouts"] = rollouts
         return cache[mode]
 
     return get
@@ -220,15 +225,25 @@ def test_distributed_smollm2_two_processes_match_one(tmp_path, one_process, mode
     in two halves, which changes only the order of float sums (measured at most 2e-6
     on Coconut losses near 3 and GRPO losses near 0.1); an error of substance (a missing
     gradient all-reduce, a wrong token normalisation, other rollout seeds) moves the
-    losses by 1e-2 or more. FSDP holds half the parameter bytes per process."""
+    losses by 1e-2 or more. FSDP holds half the parameter bytes per process.
+
+    GRPO: the 2 processes generate their own rollouts every step, and those of the first
+    step (identical weights) must be the one process's token for token; the losses are
+    then taken on the one process's recorded rollouts (``dist_worker.py --replay``),
+    because a later sampled token may flip on a float-rounding difference of the weights
+    (seen under FSDP2 at step 5), which says nothing about the training."""
     one = one_process(mode)
-    two = _smollm2(mode, _torchrun(), tmp_path, kind, env=_env(**(FSDP_ENV if kind == "fsdp" else {})))
+    extra = ("--replay", one["rollouts"]) if mode == "grpo" else ()
+    two = _smollm2(mode, _torchrun(), tmp_path, kind, env=_env(**(FSDP_ENV if kind == "fsdp" else {})), extra=extra)
     assert two["parallel"] == kind and two["processes"] == 2
     assert len(one["losses"]) == len(two["losses"]) == 5
     diffs = [abs(a - b) for a, b in zip(one["losses"], two["losses"])]
+    print(f"{mode} {kind}: losses {one['losses']} vs {two['losses']}, max |diff| {max(diffs):.1e}; "
+          f"own rollouts the recorded ones per step: {two.get('same_rollouts')}")
     assert max(diffs) < 1e-4, (one["losses"], two["losses"])
     if mode == "grpo":
         assert sum(one["latent_steps"]) > 0  # the rollouts did think in latent blocks
+        assert len(two["same_rollouts"]) == 5 and two["same_rollouts"][0], two["same_rollouts"]
     single = one["ranks"][0]["parameter_bytes"]
     per_rank = [r["parameter_bytes"] for r in two["ranks"]]
     if kind == "fsdp":
