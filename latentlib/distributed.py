@@ -368,7 +368,9 @@ def whole_state_dict(module: nn.Module, *, trainable_only: bool = False) -> dict
     (one all-gather per tensor: every process must call this) and arrive as CPU tensors
     on the main process, the other processes get ``{}``; an unsharded module's tensors
     are its own (no copy). ``trainable_only``: only parameters with ``requires_grad``
-    (under every name they have, e.g. a tied head's too)."""
+    (under every name they have, e.g. a tied head's too). Names of one tensor (tied
+    weights) get one gathered tensor, as in the module, so ``save_pretrained`` drops the
+    tied copy as it does for a one-process model."""
     from torch.distributed.tensor import DTensor
 
     state = module.state_dict()
@@ -377,12 +379,19 @@ def whole_state_dict(module: nn.Module, *, trainable_only: bool = False) -> dict
         state = {k: v for k, v in state.items() if k in trainable}
     if not is_sharded(module):
         return state
-    out = {}
+    # one gathered copy per parameter, so that tied names stay tied (the head is not saved twice); which
+    # names are one parameter is read from the module (the same on every process, so every process
+    # gathers the same tensors in the same order), not from storage (a process's shard may be empty)
+    owner = {name: id(t) for name, t in [*module.named_parameters(remove_duplicate=False),
+                                         *module.named_buffers(remove_duplicate=False)]}
+    out, whole = {}, {}
     for name, value in state.items():
-        if isinstance(value, DTensor):
-            value = value.full_tensor()
+        key = owner.get(name, name)
+        if key not in whole:
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            whole[key] = full.detach().to("cpu", copy=True) if is_main() else None
         if is_main():
-            out[name] = value.detach().to("cpu", copy=True)
+            out[name] = whole[key]
     return out
 
 

@@ -338,8 +338,10 @@ def test_distributed_a_stage_command_writes_once_and_matches_one_process(tmp_pat
     """The unchanged stage command under ``torchrun`` (DDP) and under ``accelerate launch``
     with the shipped FSDP2 config (mixed precision off: this CPU compares with fp32): the
     main process alone writes the artifacts, the evaluation is split over the processes
-    and gathered (every test problem once, in order), and the trained weights equal the
-    one-process run's up to float rounding (1e-5)."""
+    and gathered (every test problem once, in order), the tied head is saved once as by one
+    process, and the trained weights equal the one-process run's up to float rounding
+    (1e-5) but for the rare elements whose AdamW step the rounding decides (see below); a
+    process training on its half alone moves most elements by far more."""
     from safetensors.torch import load_file
 
     args = ["-m", "latentlib.train", "base", "--params", "params/tiny.yaml", "-p", "base_steps", "4",
@@ -358,9 +360,14 @@ def test_distributed_a_stage_command_writes_once_and_matches_one_process(tmp_pat
     for name in ("cot", "nocot", "cot_markers"):
         a = load_file(tmp_path / "one" / "tiny" / "base" / name / "model.safetensors")
         b = load_file(tmp_path / "two" / "tiny" / "base" / name / "model.safetensors")
-        assert a.keys() == b.keys()
+        assert a.keys() == b.keys()  # tied weights saved once either way
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+            diff = (a[k] - b[k]).abs()
+            # AdamW divides each element's step by the root of its own squared gradients, so an element
+            # whose gradient is at the level of float rounding moves by up to lr per step, in a direction
+            # the rounding decides: rare (seen: 1 element of 65,536), bounded by steps x lr = 0.012
+            assert diff.max() <= 4 * 0.003, (name, k, diff.max())
+            assert (diff > 1e-5).float().mean() <= 1e-3, (name, k, int((diff > 1e-5).sum()), diff.numel())
     files1 = sorted(p.name for p in (tmp_path / "one" / "tiny" / "eval").iterdir())
     files2 = sorted(p.name for p in (tmp_path / "two" / "tiny" / "eval").iterdir())
     assert files1 == files2 and not [f for f in files2 if f.startswith(".")]
