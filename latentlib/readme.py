@@ -12,7 +12,10 @@ run times, commit, threads), and ``benchmarks/results/*.json`` (``make bench``),
 tables show in ``docs/results/<run>.json``, a small committed file with the date, the
 commit and the thread count of each source. *Render* turns that file into the Markdown
 between the markers ``<!-- readme:NAME -->`` and ``<!-- /readme:NAME -->`` in README.md;
-``tests/test_readme.py`` fails when README.md differs from it.
+``tests/test_readme.py`` fails when README.md differs from it. The main run (``tiny``)
+fills the sections ``results``, ``table1`` and ``benchmarks``; any other run R (a
+pretrained preset's pipeline, ``PRESET=smollm2-135m make readme``) fills ``results-R``
+with its own results table, beside the main one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pathlib import Path
 __all__ = ["collect", "collect_results", "collect_benchmarks", "render", "update_readme", "sections", "main",
            "SECTIONS"]
 
-SECTIONS = ("results", "table1", "benchmarks")
+SECTIONS = ("results", "table1", "benchmarks")  # the main run's sections
+MAIN_RUN = "tiny"  # the run whose results, Table 1 and benchmarks fill SECTIONS; any other run R fills "results-R"
 MAIN_COLUMNS = ("method", "evaluated_in", "accuracy", "visible_tokens", "latent_steps", "n")
 
 
@@ -258,9 +262,11 @@ def _parity_text(r: dict) -> str:
             f"{'within' if within else 'outside'} tolerance)")
 
 
-def collect(project: Path, run: str, previous: dict | None = None) -> dict:
-    """Everything the README's tables show, for one run. A part whose files are missing
-    (no ``make bench`` yet, say) is kept from ``previous`` (the committed file)."""
+def collect(project: Path, run: str, previous: dict | None = None, *, main_run: str = MAIN_RUN) -> dict:
+    """Everything the README's tables show, for one run: its results, and for ``main_run``
+    also the benchmarks (one table for all models, collected with the main run). A part
+    whose files are missing (no ``make bench`` yet, say) is kept from ``previous`` (the
+    committed file)."""
     project = Path(project)
     previous = previous or {}
     commit = _git_commit(project)
@@ -272,6 +278,8 @@ def collect(project: Path, run: str, previous: dict | None = None) -> dict:
             data["results"]["commit"] = commit
     elif "results" in previous:
         data["results"] = previous["results"]
+    if run != main_run:
+        return data
     bench = collect_benchmarks(project / "benchmarks" / "results")
     if bench is not None:
         bench["commit"] = commit  # benchmarks/results record no commit: the checkout's when collected
@@ -334,8 +342,19 @@ def _when(r: dict, bench: dict) -> str:
     return (r.get("date") or bench.get("date") or "") + (f", {n} thread{'' if n == 1 else 's'}" if n else "")
 
 
-def render(data: dict) -> dict[str, str]:
-    """The Markdown of each README section, from the collected numbers."""
+def section_name(run: str, name: str = "results", *, main_run: str = MAIN_RUN) -> str:
+    """The README marker name of a run's section: ``name`` for the main run, else ``results-<run>``."""
+    return name if run == main_run else f"results-{run}"
+
+
+def render(data: dict, *, main_run: str = MAIN_RUN) -> dict[str, str]:
+    """The Markdown of each README section, from the collected numbers: for the main run
+    its results, Table 1 and benchmarks; for another run only its results, in the section
+    ``results-<run>`` (a pretrained preset's table beside the embedded default's)."""
+    run = data.get("run", main_run)
+    if run != main_run:
+        main = render({"run": run, "results": data["results"]}, main_run=run) if data.get("results") else {}
+        return {section_name(run, main_run=main_run): main["results"]} if main else {}
     out = {}
     res = data.get("results")
     if res:
@@ -393,9 +412,9 @@ def render(data: dict) -> dict[str, str]:
 
 
 def sections(readme: str) -> dict[str, str]:
-    """The text between each pair of markers in ``readme``."""
+    """The text between each pair of markers in ``readme`` (every ``<!-- readme:NAME -->``)."""
     out = {}
-    for name in SECTIONS:
+    for name in re.findall(r"<!-- readme:([\w.-]+) -->", readme):
         begin, end = _marker(name)
         m = re.search(re.escape(begin) + r"\n(.*?)\n?" + re.escape(end), readme, flags=re.S)
         if m:
@@ -409,7 +428,8 @@ def update_readme(readme: str, rendered: dict[str, str]) -> str:
         begin, end = _marker(name)
         pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), flags=re.S)
         if not pat.search(readme):
-            raise ValueError(f"README.md has no {begin} ... {end} markers")
+            raise ValueError(f"README.md has no {begin} ... {end} markers: add the pair where the section belongs "
+                             "(the command fills in what is between them)")
         readme = pat.sub(lambda _: f"{begin}\n{body}\n{end}", readme, count=1)
     return readme
 
@@ -446,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         data_file.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {data_file}")
     text = readme_file.read_text()
-    new = update_readme(text, render(data))
+    try:
+        new = update_readme(text, render(data))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.check:
         if new != text:
             print("README.md differs from what docs/results renders: run `python -m latentlib.readme --render`",

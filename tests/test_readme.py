@@ -14,17 +14,21 @@ DATA = ROOT / "docs" / "results" / "tiny.json"
 
 
 def test_the_readme_tables_are_what_the_committed_numbers_render():
-    data = json.loads(DATA.read_text())
     text = (ROOT / "README.md").read_text()
     found = readme.sections(text)
-    expected = readme.render(data)
-    assert set(found) == set(readme.SECTIONS), f"README.md lacks the markers of {set(readme.SECTIONS) - set(found)}"
-    for name in readme.SECTIONS:
-        assert found[name] == expected[name], (
-            f"README.md's {name} section differs from what docs/results/tiny.json renders: the README was edited by "
-            "hand, or the numbers were not collected; run `make readme` (after a run) or "
-            "`python -m latentlib.readme --render`")
-    assert readme.update_readme(text, expected) == text
+    assert set(readme.SECTIONS) <= set(found), f"README.md lacks the markers of {set(readme.SECTIONS) - set(found)}"
+    rendered = {}
+    for path in sorted(DATA.parent.glob("*.json")):  # the main run's file and every other run's
+        expected = readme.render(json.loads(path.read_text()))
+        assert expected, f"{path.name} renders nothing"
+        for name, body in expected.items():
+            assert found.get(name) == body, (
+                f"README.md's {name} section differs from what docs/results/{path.name} renders: the README was "
+                "edited by hand, or the numbers were not collected; run `make readme` (after a run) or "
+                f"`python -m latentlib.readme --render --run {path.stem}`")
+        rendered.update(expected)
+        assert readme.update_readme(text, expected) == text
+    assert set(found) == set(rendered), f"README.md sections no committed file renders: {set(found) - set(rendered)}"
 
 
 def test_every_row_of_the_committed_main_table_is_in_the_readme():
@@ -79,9 +83,9 @@ def _fake_run(root: Path, run: str) -> None:
 
 
 def test_the_command_collects_a_run_writes_the_numbers_and_checks_the_readme(tmp_path, capsys):
-    _fake_run(tmp_path, "x")
-    assert readme.main(["--run", "x", "--project", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "docs" / "results" / "x.json").read_text())
+    _fake_run(tmp_path, "tiny")
+    assert readme.main(["--run", "tiny", "--project", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "docs" / "results" / "tiny.json").read_text())
     assert data["results"]["commit"] == "abc123" and data["results"]["threads"] == 2
     assert [r["method"] for r in data["results"]["main"]][2] == "SWITCH phase 3 | GRPO"
     assert data["results"]["main"][1]["accuracy"] == 0.964 and data["results"]["total_seconds"] == 100
@@ -93,26 +97,58 @@ def test_the_command_collects_a_run_writes_the_numbers_and_checks_the_readme(tmp
     assert "| K=6 latent steps + T text tokens vs `model.generate`, batch 1 / 8 / 32 | >= 0.9 | 0.97 / 0.97 / 0.97 |" in text
     assert "30.4x, identical answers 500/500" in text and "loss diff 0, 0.42x / 0.17x the time" in text
     assert "| Coconut | 96.0% | 2 | 93.0% | 2 |" in text  # Table 1 across the tasks
-    assert "`x` 100 s, `x-graph` 50 s; in all 150 s, 1.50x the main run alone" in text
+    assert "`tiny` 100 s, `tiny-graph` 50 s; in all 150 s, 1.50x the main run alone" in text
     assert ("| Switch-GRPO step (text only) vs TRL `GRPOTrainer` step | <= 1.0x; same loss | 0.86x, loss diff 9e-09 "
             "(rel. 2e-06, within tolerance) |") in text
     assert ("| SFT step (SWITCH phase 1) vs TRL `SFTTrainer` step | <= 1.0x; same loss | 0.79x, loss diff 7e-03 "
             "(rel. 2e-03, outside tolerance) |") in text
     assert "| SFT step (Coconut stage 0) vs TRL `SFTTrainer` step | <= 1.0x; same loss |  | not comparable: no attribute 'bias' |" in text
     assert text.startswith("# x\n") and "\ntext\n" in text
-    assert readme.main(["--check", "--run", "x", "--project", str(tmp_path)]) == 0
+    assert readme.main(["--check", "--run", "tiny", "--project", str(tmp_path)]) == 0
     (tmp_path / "README.md").write_text(text.replace("96.4%", "97.0%"))
-    assert readme.main(["--check", "--run", "x", "--project", str(tmp_path)]) == 1
+    assert readme.main(["--check", "--run", "tiny", "--project", str(tmp_path)]) == 1
     assert "differs" in capsys.readouterr().err
 
 
+def test_another_run_fills_its_own_section_beside_the_main_one(tmp_path, capsys):
+    _fake_run(tmp_path, "tiny")
+    assert readme.main(["--run", "tiny", "--project", str(tmp_path)]) == 0
+    _fake_run_results(tmp_path, "smollm2-135m", accuracy=0.25)
+    assert readme.main(["--run", "smollm2-135m", "--project", str(tmp_path)]) == 2  # no markers for it yet
+    assert "readme:results-smollm2-135m" in capsys.readouterr().err
+    readme_file = tmp_path / "README.md"
+    readme_file.write_text(readme_file.read_text() + "\n<!-- readme:results-smollm2-135m -->\n"
+                                                     "<!-- /readme:results-smollm2-135m -->\n")
+    before = readme.sections(readme_file.read_text())
+    assert readme.main(["--run", "smollm2-135m", "--project", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "docs" / "results" / "smollm2-135m.json").read_text())
+    assert "benchmarks" not in data  # the benchmark table is the main run's
+    after = readme.sections(readme_file.read_text())
+    assert {k: v for k, v in after.items() if k != "results-smollm2-135m"} == {
+        k: v for k, v in before.items() if k != "results-smollm2-135m"}  # the main run's sections untouched
+    assert "run `smollm2-135m`" in after["results-smollm2-135m"]
+    assert "| CoT | 00 | 25.0% | 8 | 0 |" in after["results-smollm2-135m"]
+    assert "| CoT | 00 | 100.0% | 8 | 0 |" in after["results"]
+    for run in ("tiny", "smollm2-135m"):
+        assert readme.main(["--check", "--run", run, "--project", str(tmp_path)]) == 0
+
+
+def _fake_run_results(root: Path, run: str, accuracy: float) -> None:
+    tables = root / "reports" / run / "tables"
+    tables.mkdir(parents=True)
+    (tables / "main.csv").write_text("method,evaluated_in,accuracy,visible_tokens,latent_steps,n\n"
+                                     f"CoT,00_teacher_extraction,{accuracy},8.0,0.0,100\n")
+    (root / "reports" / run / "pipeline.json").write_text(json.dumps(
+        {"total_seconds": 400.0, "stages": [{"stage": "00_teacher_extraction", "status": "ok", "seconds": 400.0}]}))
+
+
 def test_a_part_without_new_files_keeps_the_committed_numbers(tmp_path):
-    _fake_run(tmp_path, "x")
+    _fake_run(tmp_path, "tiny")
     for p in (tmp_path / "benchmarks" / "results").iterdir():
         p.unlink()
     previous = {"benchmarks": {"date": "2026-11-22", "rows": [{"measurement": "m", "target": "t", "tiny": "1",
                                                               "smollm2-135m": ""}]}}
-    data = readme.collect(tmp_path, "x", previous)
+    data = readme.collect(tmp_path, "tiny", previous)
     assert data["benchmarks"] == previous["benchmarks"] and data["results"]["commit"] == "abc123"
 
 
@@ -122,11 +158,11 @@ def test_the_readme_markers_must_exist():
 
 
 def test_rows_of_benchmarks_not_re_run_are_kept_with_the_date_they_were_measured(tmp_path):
-    _fake_run(tmp_path, "x")
+    _fake_run(tmp_path, "tiny")
     (tmp_path / "benchmarks" / "results" / "engine_decode.json").unlink()
     previous = {"benchmarks": {"date": "2026-11-22", "rows": [
         {"measurement": "m (an older benchmark)", "target": "t", "tiny": "1", "smollm2-135m": ""}]}}
-    data = readme.collect(tmp_path, "x", previous)
+    data = readme.collect(tmp_path, "tiny", previous)
     rows = {r["measurement"]: r for r in data["benchmarks"]["rows"]}
     assert rows["m (an older benchmark)"]["date"] == "2026-11-22"
     assert all(r["date"] == "2026-12-01" for m, r in rows.items() if m != "m (an older benchmark)")
