@@ -379,3 +379,28 @@ def test_distributed_a_stage_command_writes_once_and_matches_one_process(tmp_pat
         assert q1 == q2 and len(q1) == 10
     leftovers = [p for p in (tmp_path / "two" / "tiny" / "base").iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
+
+
+def test_a_sharded_model_is_saved_with_its_tied_head_once(tmp_path):
+    """FSDP2 (in a one-process gloo group): the gathered state gives a tied head and the
+    embedding one tensor, so ``save_pretrained`` writes it once, as for an unsharded model."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _tiny(hidden=32)[0]
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        plain = model.state_dict()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert distributed.is_sharded(model)
+        state = distributed.whole_state_dict(model)
+        assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+        assert set(state) == set(plain) and all(torch.equal(state[k], plain[k]) for k in plain)
+        artifacts.write_pretrained(model, tmp_path / "m", state)
+        assert set(load_file(tmp_path / "m" / "model.safetensors")) == set(plain) - {"lm_head.weight"}
+    finally:
+        dist.destroy_process_group()
