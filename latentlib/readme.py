@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["collect", "collect_results", "collect_benchmarks", "render", "update_readme", "sections", "main",
-           "SECTIONS"]
+__all__ = ["collect", "collect_results", "collect_benchmarks", "render", "update_readme", "sections", "section_name",
+           "main", "SECTIONS", "MAIN_RUN"]
 
 SECTIONS = ("results", "table1", "benchmarks")  # the main run's sections
 MAIN_RUN = "tiny"  # the run whose results, Table 1 and benchmarks fill SECTIONS; any other run R fills "results-R"
