@@ -148,7 +148,7 @@ def test_the_readme_tables_render_from_the_smoke_runs_tables(smoke_report, tmp_p
     main = pd.read_csv(report / "tables" / "main.csv")
     assert [r["method"] for r in data["main"]] == list(main.method)
     assert data["threads"] == 2 and len(data["stages"]) == len(STAGES) and data["probes"]
-    section = readme.render({"run": "smoke", "results": data})["results"]
+    section = readme.render({"run": "smoke", "results": data}, main_run="smoke")["results"]
     for method in main.method:
         assert f"| {method} |" in section
     before = "# t\n<!-- readme:results -->\n<!-- /readme:results -->\n"
