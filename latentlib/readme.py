@@ -342,9 +342,9 @@ def _when(r: dict, bench: dict) -> str:
     return (r.get("date") or bench.get("date") or "") + (f", {n} thread{'' if n == 1 else 's'}" if n else "")
 
 
-def section_name(run: str, name: str = "results", *, main_run: str = MAIN_RUN) -> str:
-    """The README marker name of a run's section: ``name`` for the main run, else ``results-<run>``."""
-    return name if run == main_run else f"results-{run}"
+def section_name(run: str, *, main_run: str = MAIN_RUN) -> str:
+    """The README marker name of a run's results section: ``results`` for the main run, else ``results-<run>``."""
+    return "results" if run == main_run else f"results-{run}"
 
 
 def render(data: dict, *, main_run: str = MAIN_RUN) -> dict[str, str]:
