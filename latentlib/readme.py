@@ -236,6 +236,32 @@ def collect_benchmarks(results: Path) -> dict | None:
                 {r["model"]: f"{_x(r['blocks_vs_text']['median'])} "
                              f"({r['last']['ours_blocks']['latent_steps']:.1f} latent steps per completion)" for r in rs},
                 {r["model"]: round(r["blocks_vs_text"]["median"], 4) for r in rs})
+    d = use("distributed")
+    if d:
+        configs = (d.get("scaling") or {}).get("configs", {})
+        one = configs.get("1 process x 1 thread")
+        ddp = next((r for r in configs.values() if r.get("parallel") == "ddp"), None)
+        fsdp = next((r for r in configs.values() if r.get("parallel") == "fsdp"), None)
+        if one and ddp and fsdp:
+            half = max(fsdp["parameter_bytes_per_process"]) / one["parameter_bytes_per_process"][0]
+            row(f"{ddp['processes']} processes x 1 thread vs 1 process x 1 thread, a Coconut stage step "
+                "(CPU, gloo): speed-up DDP / FSDP2; FSDP2 parameter bytes per process", "",
+                {"smollm2-135m": f"{_x(ddp['speedup_vs_1x1'])} (efficiency {ddp['efficiency_vs_1x1']:.2f}) / "
+                                 f"{_x(fsdp['speedup_vs_1x1'])}; {_x(half)}"},
+                {"ddp_speedup": round(ddp["speedup_vs_1x1"], 4), "fsdp_speedup": round(fsdp["speedup_vs_1x1"], 4),
+                 "fsdp_parameter_bytes_vs_one": round(half, 4)})
+        ck = {r["run"].split()[0]: r for r in (d.get("checkpoint") or {}).get("rows", [])}
+        if ck:
+            row("LoRA checkpoint bytes vs the full state, " + " / ".join(ck), "",
+                {"smollm2-135m": " / ".join(_x(r["checkpoint_vs_full"]) for r in ck.values())},
+                {k: round(r["checkpoint_vs_full"], 4) for k, r in ck.items()})
+        g = d.get("grpo_memory")
+        if g:
+            mb = 2 ** 20
+            a, c = g["adapter-disabled"]["peak_rss_bytes"], g["copy"]["peak_rss_bytes"]
+            row("Switch-GRPO peak memory, reference with the adapter disabled vs a frozen copy", "",
+                {"smollm2-135m": f"{a / mb:.0f} vs {c / mb:.0f} MB ({_x(a / c)})"},
+                {"adapter_disabled_mb": round(a / mb), "copy_mb": round(c / mb)})
     machine = next((f["machine"] for f in files.values() if "machine" in f), {})
     written = sorted(f.get("written_at", "") for f in files.values() if f.get("written_at"))
     return {"date": written[-1][:10] if written else None, "threads": machine.get("threads"),

@@ -77,6 +77,18 @@ def _fake_run(root: Path, run: str) -> None:
         "sft": [{"model": "tiny", "phase": "SWITCH phase 1", "ours_vs_trl": {"median": 0.79},
                  "loss_parity": {"rel_diff": 2e-3, "abs_diff": 7e-3, "within_tolerance": False}},
                 {"model": "smollm2-135m", "phase": "Coconut stage 0", "skipped": "TRL: no attribute 'bias'"}]}))
+    mb = 2 ** 20
+    (res / "distributed.json").write_text(json.dumps({"machine": machine, "written_at": "2026-12-01T13:00:00",
+        "scaling": {"configs": {
+            "1 process x 1 thread": {"parallel": "single", "processes": 1, "parameter_bytes_per_process": [400 * mb]},
+            "2 processes x 1 thread, DDP": {"parallel": "ddp", "processes": 2, "speedup_vs_1x1": 1.6,
+                                            "efficiency_vs_1x1": 0.8, "parameter_bytes_per_process": [400 * mb] * 2},
+            "2 processes x 1 thread, FSDP2": {"parallel": "fsdp", "processes": 2, "speedup_vs_1x1": 0.75,
+                                              "efficiency_vs_1x1": 0.375,
+                                              "parameter_bytes_per_process": [200 * mb] * 2}}},
+        "checkpoint": {"rows": [{"run": "Coconut LoRA", "checkpoint_vs_full": 0.083},
+                                {"run": "SWITCH LoRA", "checkpoint_vs_full": 0.343}]},
+        "grpo_memory": {"adapter-disabled": {"peak_rss_bytes": 2000 * mb}, "copy": {"peak_rss_bytes": 2500 * mb}}}))
     (root / "README.md").write_text("# x\n\n<!-- readme:results -->\nold\n<!-- /readme:results -->\n\ntext\n\n"
                                     "<!-- readme:table1 -->\n<!-- /readme:table1 -->\n\n"
                                     "<!-- readme:benchmarks -->\n<!-- /readme:benchmarks -->\n")
@@ -103,6 +115,10 @@ def test_the_command_collects_a_run_writes_the_numbers_and_checks_the_readme(tmp
     assert ("| SFT step (SWITCH phase 1) vs TRL `SFTTrainer` step | <= 1.0x; same loss | 0.79x, loss diff 7e-03 "
             "(rel. 2e-03, outside tolerance) |") in text
     assert "| SFT step (Coconut stage 0) vs TRL `SFTTrainer` step | <= 1.0x; same loss |  | not comparable: no attribute 'bias' |" in text
+    assert ("| 2 processes x 1 thread vs 1 process x 1 thread, a Coconut stage step (CPU, gloo): speed-up DDP / FSDP2; "
+            "FSDP2 parameter bytes per process |  |  | 1.60x (efficiency 0.80) / 0.75x; 0.50x |") in text
+    assert "| LoRA checkpoint bytes vs the full state, Coconut / SWITCH |  |  | 0.08x / 0.34x |" in text
+    assert "| 2000 vs 2500 MB (0.80x) |" in text
     assert text.startswith("# x\n") and "\ntext\n" in text
     assert readme.main(["--check", "--run", "tiny", "--project", str(tmp_path)]) == 0
     (tmp_path / "README.md").write_text(text.replace("96.4%", "97.0%"))
