@@ -74,7 +74,7 @@ def position_ids_for(attention_mask: torch.Tensor, latent_mask: torch.Tensor | N
 
 @dataclass
 class LatentOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V); (B, logits_to_keep, V) when that is given
     hidden: torch.Tensor  # (B, T, D): last layer (after the final norm)
     thoughts: torch.Tensor  # (B, T, D): the injected vectors at latent positions, zeros elsewhere
     layers: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, D), when captured
@@ -103,7 +103,7 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
                    position_ids: torch.Tensor | None = None, latent_positions: str = "continue",
                    inputs_embeds: torch.Tensor | None = None, tbptt: int | None = None,
                    checkpoint: bool = False, capture_layers: tuple[int, ...] = (),
-                   defer_weight_grads: bool = True) -> LatentOutput:
+                   defer_weight_grads: bool = True, logits_to_keep: int = 0) -> LatentOutput:
     """Training/scoring forward where ``latent_mask`` positions take injected vectors.
 
     ``input_ids`` holds any placeholder id at latent positions (it is not read there).
@@ -115,7 +115,10 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     ``defer_weight_grads`` computes the thought passes' weight gradients as one product
     per weight where that is faster (few rows against the weight's size; see
     :mod:`latentlib.deferred_grads`): the gradients are the same up to float rounding. With
-    no latent position this is exactly one plain forward.
+    no latent position this is exactly one plain forward. ``logits_to_keep`` (as
+    transformers' argument of that name) returns the logits of the last that many
+    positions only (0: all): scoring a completion needs none over its prompt, and with a
+    large vocabulary those are most of the LM head's time and memory.
     """
     injector = injector if injector is not None else HiddenLayer(-1)
     latent_mask = latent_mask.bool()
@@ -123,6 +126,9 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     if tbptt is not None and tbptt < 1:
         raise ValueError(f"tbptt={tbptt}: the truncation length must be >= 1 thoughts (or None for full backprop)")
     B, T = input_ids.shape
+    if not 0 <= logits_to_keep <= T:
+        raise ValueError(f"logits_to_keep={logits_to_keep}: keep between 0 (every position) and the sequence "
+                         f"length {T}")
     embed = model.get_input_embeddings()
     embeds = embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
     if position_ids is None:
@@ -140,7 +146,8 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     # positions afterwards (one large product and one weight gradient instead of one per
     # chunk: on SmolLM2-135M, with its 49k vocabulary, a 6-thought step went from 1.56x to
     # 1.46x a CoT step).
-    decoder = _plain_decoder(model) if latent_cols else None
+    # (also for one chunk when only the last positions' logits are wanted: the head runs on those alone)
+    decoder = _plain_decoder(model) if latent_cols or logits_to_keep else None
     # every layer's hidden states only when the injector or a capture reads one before the last
     all_layers = _reads_all_layers(injector, capture_layers)
     deferred = None
@@ -175,7 +182,7 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             with route:
                 out = (decoder if decoder is not None else model)(
                     inputs_embeds=chunk, attention_mask=chunk_mask, position_ids=position_ids[:, start:end],
-                    cache=cache, use_cache=True, output_hidden_states=all_layers or decoder is None)
+                    cache=cache, use_cache=end < T, output_hidden_states=all_layers or decoder is None)
             cache = out.cache
             if decoder is None:  # the whole model: its last hidden state comes with the others
                 states = out.hidden_states if all_layers else out.hidden_states[-1:]
@@ -188,7 +195,10 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             layers[k].append(states[k])
         prev_states = tuple(h[:, -1] for h in states)  # (last,) unless all_layers
     hidden_all = torch.cat(hidden, 1)
-    logits_all = torch.cat(logits, 1) if logits else model.get_output_embeddings()(hidden_all)
+    if logits:
+        logits_all = torch.cat(logits, 1)[:, -logits_to_keep:] if logits_to_keep else torch.cat(logits, 1)
+    else:
+        logits_all = model.get_output_embeddings()(hidden_all[:, -logits_to_keep:] if logits_to_keep else hidden_all)
     # the injected vectors at their columns, zeros elsewhere (built once: one op, not one per chunk)
     all_thoughts = embeds.new_zeros(embeds.shape)
     if thoughts:
@@ -298,28 +308,47 @@ class Trace:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generators: list[torch.Generator] | None) -> torch.Tensor:
+                  generators: list[torch.Generator] | None = None, *, uniforms: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Greedy (``temperature == 0``) or temperature/top-p sampling, one generator per row.
 
     Each row draws its own uniform number from its own generator, so a sequence's sample
-    does not depend on which other sequences share the batch.
+    does not depend on which other sequences share the batch. ``uniforms`` ``(B,)``: those
+    numbers drawn beforehand (:func:`generate` draws a whole generation's at once), instead
+    of one draw per row from ``generators``.
+
+    The sample is the inverse of the cumulative distribution at the row's number: over the
+    vocabulary in its own order when ``top_p == 1``, and over the tokens sorted by
+    probability (which the nucleus needs) otherwise. Sorting a 49k vocabulary took 30 to 40
+    times as long as the cumulative sum on one CPU thread, and dominated a decoding step of
+    SmolLM2-135M.
     """
     if temperature == 0:
         # the index of the first maximum, as argmax gives it, in a third of argmax's time on CPU
         return logits.max(-1).indices
     probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
-    sorted_p, order = probs.sort(-1, descending=True)
     if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
         keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-    cdf = sorted_p.cumsum(-1)
-    if generators is None:
+        probs = sorted_p * keep
+    else:
+        order = None
+    cdf = probs.cumsum(-1)
+    if uniforms is not None:
+        u = uniforms.to(logits.device)[:, None]
+    elif generators is None:
         u = torch.rand(logits.shape[0], 1, device=logits.device)
     else:
         u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)[:, None]
     u = u * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1)  # (B, 1)
-    return order.gather(-1, idx).squeeze(-1)
+    # the first token whose cumulative probability exceeds u: never one of probability 0 ...
+    idx = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)  # (B, 1)
+    # ... unless rounding put u at the very top of the cdf: then the last token of nonzero probability
+    zero = probs.gather(-1, idx) == 0
+    if zero.any():
+        last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)  # first index reaching the final count
+        idx = torch.where(zero, last, idx)
+    return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
 
 
 class _LastPosition:
@@ -452,9 +481,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     if seeds is not None and len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds for a batch of {B} sequences: give one seed per sequence")
     distributed.require_gathered(model, "generate")
-    generators = None
+    uniforms = None
     if seeds is not None and temperature > 0:
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        # each row's numbers for every step at once: the same numbers as one draw per step
+        # (a CPU generator's sequence does not depend on how it is drawn), in B calls instead of B per step
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator(device="cpu").manual_seed(int(s)))
+                                for s in seeds], 1) if max_new_tokens else None  # (max_new_tokens, B)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     placeholder = latent_token_id if latent_token_id is not None else pad_token_id
     embed = model.get_input_embeddings()
@@ -496,7 +528,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     for step in range(max_new_tokens):
         if step > 0:
             advance(step_in, latent, token)
-        sampled = sample_tokens(logits, temperature, top_p, generators)
+        sampled = sample_tokens(logits, temperature, top_p, uniforms=None if uniforms is None else uniforms[step])
         latent, token = policy.step(state, sampled)  # (B,) bool, (B,) long
         latent = latent & ~finished
         token = token.masked_fill(finished, pad_token_id).masked_fill(latent, placeholder)

@@ -66,6 +66,27 @@ def test_cached_equals_uncached(lm, mode):
     torch.testing.assert_close(out.logits[real], ref[real], **tol(model))
 
 
+@pytest.mark.parametrize("thoughts", [False, True])
+@pytest.mark.parametrize("plain", [True, False])
+def test_logits_to_keep_gives_the_last_positions_logits(lm, thoughts, plain, monkeypatch):
+    """Scoring a completion asks for its positions' logits only; they are the full
+    forward's last ones (with and without thoughts, through the decoder-and-head path and
+    the whole-model fallback), and a count past the sequence is refused."""
+    model, tok, ids = lm
+    if not plain:
+        monkeypatch.setattr(recurrence, "_plain_decoder", lambda m: None)
+    input_ids, mask, latent = batch_with_thoughts(tok, ids)
+    if not thoughts:
+        latent = torch.zeros_like(latent)
+    full = latent_forward(model, input_ids, mask, latent)
+    part = latent_forward(model, input_ids, mask, latent, logits_to_keep=3)
+    assert part.logits.shape == (*input_ids.shape[:1], 3, full.logits.shape[-1])
+    torch.testing.assert_close(part.logits, full.logits[:, -3:], **tol(model))
+    torch.testing.assert_close(part.hidden, full.hidden, **tol(model))
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        latent_forward(model, input_ids, mask, latent, logits_to_keep=input_ids.shape[1] + 1)
+
+
 def test_batched_left_padded_equals_one_at_a_time(lm):
     model, tok, ids = lm
     input_ids, mask, latent = batch_with_thoughts(tok, ids)
@@ -355,6 +376,34 @@ def test_greedy_picks_what_argmax_picks():
     x[3] = 1.0  # all equal
     assert torch.equal(sample_tokens(x, 0.0, 1.0, None), x.argmax(-1))
     assert sample_tokens(x, 0.0, 1.0, None).tolist() == [3, 5, 2, 0]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampling_follows_the_distribution_and_never_takes_a_zero_probability_token(top_p):
+    """Sampled frequencies match the (nucleus-renormalised) probabilities over many rows;
+    a token of probability 0 (a masked one) is never sampled, not even at the extreme
+    uniform numbers; per-row numbers drawn beforehand give what the generators give."""
+    logits = torch.tensor([0.0, 1.0, float("-inf"), 2.0, 0.5, float("-inf")])
+    p = torch.softmax(logits, -1)
+    if top_p < 1:
+        order = p.argsort(descending=True)
+        keep = (p[order].cumsum(0) - p[order]) < top_p
+        q = torch.zeros_like(p)
+        q[order[keep]] = p[order[keep]]
+        p = q / q.sum()
+    n = 40_000
+    rows = logits.expand(n, -1)
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(sample_tokens(rows, 1.0, top_p, uniforms=torch.rand(n, generator=g)), minlength=6) / n
+    assert (freq - p).abs().max() < 0.01, (freq, p)  # 4 binomial standard deviations is about 0.01
+    assert freq[p == 0].sum() == 0
+    edges = torch.tensor([0.0, 1.0 - 2 ** -24, 0.5])
+    got = sample_tokens(logits.expand(3, -1), 1.0, top_p, uniforms=edges)
+    assert (p[got] > 0).all(), got
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    pre = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(s))[0] for s in (1, 2)])
+    assert torch.equal(sample_tokens(logits.expand(2, -1), 1.0, top_p, gens),
+                       sample_tokens(logits.expand(2, -1), 1.0, top_p, uniforms=pre))
 
 
 def test_reserved_cache_layer_holds_what_the_growing_one_holds():
