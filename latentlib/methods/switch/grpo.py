@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from latentlib.batching import encode_record, prompt_batch
+from latentlib.batching import prompt_batch
 from latentlib.injection import make_injector
 from latentlib.methods.switch.config import switch_ids
 from latentlib.methods.switch.inference import latent_blocks, switch_policy
@@ -257,7 +257,9 @@ def rollout(model: nn.Module, tokenizer, records: Sequence, cfg: SwitchGRPOConfi
     """
     ids = switch_ids(tokenizer)
     G = cfg.num_generations
-    prompts = [encode_record(tokenizer, r, fmt).question for r in records for _ in range(G)]
+    # each question tokenised once (as encode_record does it), repeated for its G completions
+    questions = tokenizer([fmt.question(r) for r in records], add_special_tokens=False)["input_ids"]
+    prompts = [tuple(q) for q in questions for _ in range(G)]
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} completions: give one per completion")
     dev = next(model.parameters()).device
@@ -273,13 +275,14 @@ def rollout(model: nn.Module, tokenizer, records: Sequence, cfg: SwitchGRPOConfi
     model.train(was_training)
     forced = forced_exits(trace.tokens, trace.is_latent, ids.swi_end, switch_cfg.k_max)
     special = set(tokenizer.all_special_ids)
-    texts, finished, blocks, unclosed = [], [], [], []
-    for b in range(len(prompts)):
-        text_ids = trace.text_ids(b)
-        texts.append(tokenizer.decode([t for t in text_ids if t not in special]))
-        finished.append(ids.eos in text_ids)
-        blocks.append(latent_blocks(trace.is_latent[b], trace.tokens[b], ids.swi, ids.eos))
-        unclosed.append(text_ids.count(ids.swi) != text_ids.count(ids.swi_end))
+    # per completion, from Python lists (reading a tensor element by element costs a call each)
+    tokens, is_latent, valid_l = trace.tokens.tolist(), trace.is_latent.tolist(), trace.valid.tolist()
+    text_ids = [[t for t, v, lat in zip(*row) if v and not lat] for row in zip(tokens, valid_l, is_latent)]
+    visible = [[t for t in row if t not in special] for row in text_ids]
+    texts = tokenizer.batch_decode(visible)
+    finished = [ids.eos in row for row in text_ids]
+    blocks = [latent_blocks(lat, tok, ids.swi, ids.eos) for lat, tok in zip(is_latent, tokens)]
+    unclosed = [row.count(ids.swi) != row.count(ids.swi_end) for row in text_ids]
     answers = [r.answer for r in records for _ in range(G)]
     comps = Completions(texts, answers, finished, blocks, unclosed, cfg.grade_mode or fmt.grade)
     if len(reward_funcs) != len(cfg.reward_weights):
@@ -304,8 +307,7 @@ def rollout(model: nn.Module, tokenizer, records: Sequence, cfg: SwitchGRPOConfi
             **{f"reward_{f.__name__.removesuffix('_reward')}": float(per_func[:, i].mean())
                for i, f in enumerate(reward_funcs)},
             "frac_reward_zero_std": float((grouped == grouped[:, :1]).all(1).float().mean()),
-            "visible_tokens": float(sum(len([t for t in trace.text_ids(b) if t not in special])
-                                        for b in range(len(prompts))) / len(prompts)),
+            "visible_tokens": float(sum(map(len, visible)) / len(prompts)),
             "latent_steps": float(trace.latent_steps.float().mean()),
             "kmin_violations": float(sum(n < switch_cfg.k_min for bl in blocks for n in bl)),
             "completion_length": float(valid.sum(1).float().mean()),
@@ -332,8 +334,11 @@ def completion_logps(model: nn.Module, batch: dict, switch_cfg, ids, *, temperat
     input_ids, mask, latent = batch["input_ids"], batch["attention_mask"], batch["latent_mask"]
     S = batch["completion_mask"].shape[1]
     pos = switch_cfg.position_ids(input_ids, mask, latent, ids)
-    out = latent_forward(model, input_ids, mask, latent, injector=injector, position_ids=pos)
-    logits = out.logits[:, -S - 1:-1].float() / temperature  # (N, S, V): column t predicts t + 1
+    # the logits of the S + 1 last positions only: the prompt's are not scored
+    out = latent_forward(model, input_ids, mask, latent, injector=injector, position_ids=pos, logits_to_keep=S + 1)
+    logits = out.logits[:, :-1].float()  # (N, S, V): column t predicts t + 1
+    if temperature != 1.0:
+        logits = logits / temperature
     return torch.log_softmax(logits, -1).gather(-1, input_ids[:, -S:, None]).squeeze(-1)
 
 
