@@ -62,8 +62,9 @@ def generate_floor(model, input_ids, mask, n_tokens, pad):
 
 
 def engine_run(model, input_ids, mask, policy, n_steps, pad, latent_id):
+    # as evaluation runs it (no per-step scores: model.generate computes none either)
     return generate(model, input_ids, mask, policy=policy, max_new_tokens=n_steps, eos_token_id=NEVER,
-                    pad_token_id=pad, latent_token_id=latent_id)
+                    pad_token_id=pad, latent_token_id=latent_id, scores=False)
 
 
 def mixed_scripts(B: int, K: int, T: int, swi: int, swi_end: int) -> list[list[int]]:

@@ -85,7 +85,8 @@ def evaluate(model, tokenizer, records: Sequence, spec: EvalSpec, fmt: Format, *
                    dynamic_ncols=True)
         for s in range(0, len(share), batch_size):
             chunk = share[s:s + batch_size]
-            trace, seconds = generate_batch(model, tokenizer, chunk, spec, prompt_of)
+            # predictions only: no per-step entropy and log-prob
+            trace, seconds = generate_batch(model, tokenizer, chunk, spec, prompt_of, scores=False)
             seconds /= len(chunk)
             for b, r in enumerate(chunk):
                 ids = trace.text_ids(b)

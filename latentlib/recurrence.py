@@ -279,7 +279,8 @@ class Trace:
     latent steps, ``pad`` after the sequence finished); ``hidden[k][b, j]`` is layer
     ``k``'s output after that input, i.e. the state that predicts position ``j + 1``.
     ``entropy[b, j]`` and ``logprob[b, j]`` describe the distribution the token at ``j``
-    was drawn from (entropy at temperature 1; logprob under the sampling temperature).
+    was drawn from (entropy at temperature 1; logprob under the sampling temperature;
+    NaN when generation was asked for no ``scores``).
     """
 
     tokens: torch.Tensor  # (B, S) long
@@ -459,7 +460,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              injector: Injector | None = None, latent_token_id: int | None = None,
              temperature: float = 0.0, top_p: float = 1.0, seeds: list[int] | None = None,
              inputs_embeds: torch.Tensor | None = None, latent_positions: str = "continue",
-             capture_layers: tuple[int, ...] = (), neutral_token_ids: tuple[int, ...] = ()) -> Trace:
+             capture_layers: tuple[int, ...] = (), neutral_token_ids: tuple[int, ...] = (),
+             scores: bool = True) -> Trace:
     """Batched generation in which each sequence independently decodes or thinks.
 
     ``input_ids``/``attention_mask``: the left-padded prompts ``(B, T)``. ``policy``: an
@@ -469,7 +471,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     positions (latent steps count toward it). ``neutral_token_ids``: text tokens that do
     not advance the position counter (each shares the position of the token after it, as
     thoughts do with ``latent_positions="skip"``); re-score such a trace with
-    ``position_ids_for(mask, skipped, "skip")``.
+    ``position_ids_for(mask, skipped, "skip")``. ``scores=False`` skips the per-step
+    entropy and log-prob (a log-softmax over the vocabulary at every step, which
+    ``model.generate`` does not do either; with SmolLM2's 49k vocabulary it is a sizeable
+    part of a batched step): the trace's ``entropy`` and ``logprob`` are then NaN.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -532,7 +537,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         latent, token = policy.step(state, sampled)  # (B,) bool, (B,) long
         latent = latent & ~finished
         token = token.masked_fill(finished, pad_token_id).masked_fill(latent, placeholder)
-        entropy, logprob = _entropy_and_logprob(logits, token, temperature)
+        if scores:
+            entropy, logprob = _entropy_and_logprob(logits, token, temperature)
+        else:
+            entropy = logprob = logits.new_full((B,), float("nan"), dtype=torch.float)
         n_latent = int(latent.sum())
         if n_latent == B:  # every row thinks (fixed-K thoughts): no token embedding, no masking
             thought = step_in = injector(states).to(embed.weight.dtype)

@@ -241,6 +241,20 @@ def test_sampling_is_reproducible_per_sequence(lm):
     assert torch.equal(alone.tokens[0], a.tokens[1, : alone.tokens.shape[1]])
 
 
+def test_generation_without_scores_gives_the_same_tokens(lm):
+    """``scores=False`` (evaluation) skips the per-step entropy and log-prob: the same
+    tokens and thoughts, NaN scores."""
+    model, tok, ids = lm
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(policy=ScriptedPolicy([ids["<bot>"], LATENT, LATENT, ids["<eot>"]]), max_new_tokens=8,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, latent_token_id=ids["<latent>"],
+              temperature=1.0, seeds=[1, 2, 3])
+    a = generate(model, enc.input_ids, enc.attention_mask, **kw)
+    b = generate(model, enc.input_ids, enc.attention_mask, scores=False, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.thoughts, b.thoughts)
+    assert torch.isfinite(a.logprob).all() and b.logprob.isnan().all() and b.entropy.isnan().all()
+
+
 def test_bad_inputs_are_refused_with_the_fix(lm):
     model, tok, ids = lm
     input_ids, mask, latent = batch_with_thoughts(tok, ids)
