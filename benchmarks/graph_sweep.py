@@ -7,7 +7,10 @@ the pipeline's own stage functions, the CoT and no-CoT base models
 (:func:`latentlib.stages.coconut_model`, every stage evaluated), and records their test
 accuracy, with the accuracy split by the generator's shortcut cue (the answer is usually
 the deeper candidate, :func:`latentlib.probes.cue_candidate`): a model that reads the cue
-instead of searching is right where the cue is, and wrong where it is not.
+instead of searching is right where the cue is, and wrong where it is not. With
+``--cot-control`` a point also trains the CoT base on for the curriculum's own steps and
+schedule, writing every step: the control that tells a gain of the continuous thoughts
+from a gain of the extra training.
 
     python -m benchmarks.graph_sweep point --model tiny --nodes 12 --min-path 3 --max-path 5
     python -m benchmarks.graph_sweep report      # the table and figure of every point run so far
@@ -30,6 +33,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle 
 from benchmarks.common import RESULTS, machine, set_threads  # noqa: E402
 
 OUT = RESULTS / "graph_sweep"
+
+
+COT_AS_LONG = "CoT trained as long"  # the control row (--cot-control)
 
 
 def point_name(model: str, nodes: int, min_path: int, max_path: int, tag: str = "") -> str:
@@ -61,12 +67,18 @@ def run_point(args) -> dict:
         final_stage_steps=args.final_stage_steps, batch_size=args.batch_size, lr=args.lr,
         uniform_prob=args.uniform_prob, seed=args.seed, second_c=0)
     coconut = stages.coconut_model(name, coconut_cfg.run("plain"), "coconut_plain", progress=False)
+    frames = [("CoT", base["cot"].evaluation), ("no-CoT", base["nocot"].evaluation), ("Coconut", coconut.per_problem)]
+    if args.cot_control:
+        # the control the gain needs: the CoT base trained on for the curriculum's own steps and schedule,
+        # writing every step (method "cot"), so that Coconut is not compared with a shorter-trained CoT
+        control_cfg = coconut_cfg.run("plain", coconut=coconut_cfg.coconut("plain", method="cot"), eval_stages="last")
+        control = stages.coconut_model(name, control_cfg, "cot_as_long", progress=False)
+        frames.append((COT_AS_LONG, control.per_problem))
     seconds = time.perf_counter() - t0
     _, t = stages.base.task_of(args.model, task)
     test = t.splits.test
     rows = []
-    for method, frame in [("CoT", base["cot"].evaluation), ("no-CoT", base["nocot"].evaluation),
-                          ("Coconut", coconut.per_problem)]:
+    for method, frame in frames:
         rows.append({"method": method, "accuracy": float(frame.correct.mean()),
                      "visible_tokens": float(frame.visible_tokens.mean()),
                      "latent_steps": float(frame.latent_steps.mean()), **cue_accuracy(test, frame.correct)})
@@ -108,6 +120,8 @@ def sweep_table(points: list[dict]):
         for r in p["rows"]:
             row[f"{r['method']} (cue no help)"] = round(r["accuracy_cue_not_right"], 3)
         row["Coconut - CoT"] = round(row["Coconut"] - row["CoT"], 3)
+        if COT_AS_LONG in row:
+            row[f"Coconut - {COT_AS_LONG}"] = round(row["Coconut"] - row[COT_AS_LONG], 3)
         row["minutes"] = round(p["seconds"]["total"] / 60, 1)
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["model", "nodes", "paths"], ignore_index=True)
@@ -153,6 +167,8 @@ def main(argv=None) -> None:
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--uniform-prob", type=float, default=0.3)
     pt.add_argument("--threads", type=int, default=2)
+    pt.add_argument("--cot-control", action="store_true",
+                    help="also train the CoT base on for the curriculum's steps, writing every step (a control row)")
     pt.add_argument("--tag", default="", help="a suffix of the run name (another budget at the same size)")
     sub.add_parser("report", help="the table and figure of every point run so far")
     args = ap.parse_args(argv)
