@@ -301,11 +301,12 @@ def write_index(report: Path, run: str, preset: str, results: list[dict], *, pro
             for p in sorted(pngs, key=lambda p: (stage_of(p), p.name))]
     parts.append("<h2 id='figures'>Figures</h2>" + (f"<div class='grid'>{''.join(figs)}</div>" if figs else "<p>none</p>"))
 
-    style = ("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    style = ("<style>body{font-family:system-ui,sans-serif;max-width:1280px;margin:2em auto;padding:0 1em;color:#222}"
              "h2 small{font-weight:normal;font-size:60%}.meta{color:#555}nav{margin-bottom:1em}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
+             "table{border-collapse:collapse;margin:.5em 0;display:block;overflow-x:auto;max-width:100%}"
+             "td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
              "text-align:right;white-space:nowrap}td:first-child,th:first-child{text-align:left}"
-             "table.data td:nth-child(-n+2){text-align:left}th{background:#f4f4f4}"
+             "table.data td:nth-child(-n+2),table.data th:nth-child(-n+2){text-align:left}th{background:#f4f4f4}"
              ".failed,td.failed{color:#b00020}td.ok{color:#1b5e20}"
              "figure.headline img{max-width:100%;width:760px}.grid{display:grid;"
              "grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:12px}.grid img{width:100%}"
