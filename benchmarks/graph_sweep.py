@@ -122,9 +122,11 @@ def sweep_table(points: list[dict]):
         row["Coconut - CoT"] = round(row["Coconut"] - row["CoT"], 3)
         if COT_AS_LONG in row:
             row[f"Coconut - {COT_AS_LONG}"] = round(row["Coconut"] - row[COT_AS_LONG], 3)
-        row["minutes"] = round(p["seconds"]["total"] / 60, 1)
+        # a point run again reuses what it trained: its time is what that last run trained
+        row["minutes (last run)"] = round(p["seconds"]["total"] / 60, 1)
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["model", "nodes", "paths"], ignore_index=True)
+    return pd.DataFrame(rows).sort_values(["model", "nodes", "paths", "base_steps", "coconut_steps"],
+                                          ignore_index=True)
 
 
 def report() -> None:

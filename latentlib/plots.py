@@ -270,23 +270,31 @@ def table1_tasks(table: pd.DataFrame, *, title: str = "Coconut's Table 1 on the 
 
 
 def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs written CoT across sizes"):
-    """Accuracy of CoT, no-CoT and Coconut at each sweep point (one row per point with
-    ``model``, ``nodes``, ``paths`` and a column per method, accuracy in [0, 1])."""
+    """Accuracy of CoT, no-CoT, Coconut and (where a point trained it) the CoT trained as
+    long as the curriculum, at each sweep point (one row per point with ``model``,
+    ``nodes``, ``paths``, and optionally ``base_steps`` and ``coconut_steps``, and a column
+    per method, accuracy in [0, 1]); a point without a method has no bar for it."""
     import numpy as np
 
-    labels = [f"{r.model}\n{r.nodes} nodes, paths {r.paths}" for r in table.itertuples()]
-    methods = [m for m in ("CoT", "no-CoT", "Coconut") if m in table]
+    def label(r) -> str:
+        budget = (f"\n{r.base_steps} + {r.coconut_steps} steps" if "base_steps" in table and "coconut_steps" in table
+                  else "")
+        return f"{r.model}\n{r.nodes} nodes, paths {r.paths}{budget}"
+
+    labels = [label(r) for r in table.itertuples()]
+    methods = [m for m in ("CoT", "CoT trained as long", "no-CoT", "Coconut") if m in table]
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(table)), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(table)), 4.4))
     for i, m in enumerate(methods):
-        ax.bar(np.arange(len(table)) + (i - (len(methods) - 1) / 2) * width, 100 * table[m], width, label=m)
+        ax.bar(np.arange(len(table)) + (i - (len(methods) - 1) / 2) * width, 100 * table[m].fillna(0), width,
+               label=m)
     ax.set_xticks(np.arange(len(table)), labels, fontsize=7.5)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_xlabel("sweep point (model; nodes grown per graph; shortest-path length range, edges)")
-    ax.set_ylim(0, 105)
+    ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; base + curriculum steps)")
+    ax.set_ylim(0, 100)
     ax.axhline(50, color="grey", ls=":", lw=0.8)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig

@@ -398,3 +398,23 @@ def test_rendered_gold_chains_grade_as_correct(style: str) -> None:
         assert grade(text, record.answer, mode="exact")
         wrong = record.meta["idx_to_symbol"][record.meta["neg_target"]]
         assert not grade(f"{ANSWER_MARKER} {wrong}", record.answer, mode="exact")
+
+
+def test_the_sweep_figure_draws_the_control_where_a_point_has_it():
+    """Sweep points without the CoT-trained-as-long control keep their other bars; the
+    control gets its own bar where it was trained."""
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    from latentlib import plots
+
+    table = pd.DataFrame({"model": ["tiny", "tiny"], "nodes": [12, 12], "paths": ["3-5", "3-5"],
+                          "base_steps": [3000, 3000], "coconut_steps": [440, 3900], "CoT": [0.845, 0.845],
+                          "no-CoT": [0.55, 0.55], "Coconut": [0.72, 0.905], "CoT trained as long": [None, 0.865]})
+    fig = plots.graph_sweep(table)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CoT", "CoT trained as long", "no-CoT", "Coconut"]
+    heights = [round(b.get_height(), 1) for b in ax.patches]
+    assert heights == [84.5, 84.5, 0.0, 86.5, 55.0, 55.0, 72.0, 90.5]
+    assert "3000 + 3900 steps" in ax.get_xticklabels()[1].get_text()
