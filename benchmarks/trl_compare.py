@@ -830,6 +830,11 @@ def main(argv=None):
 
     for name in args.models.split(","):
         s = settings(name, args.set)
+        # the memory children first: after the timed pairs this process holds several models and trainers
+        # (on SmolLM2 about 15 GB), and a child beside it ran the machine out of memory
+        if "memory" in parts:
+            out["memory"] += [{**r, "settings": s} for r in memory_bench(name, MEMORY_PAIRS, args.set)]
+            write()
         if "grpo" in parts:
             out["grpo"].append({**grpo_bench(name, args.repeats, s), "settings": s})
             write()
@@ -845,9 +850,6 @@ def main(argv=None):
                     print(f"[{name} sft {kind}] TRL cannot run this pair: {e}", flush=True)
                     out["sft"].append({"model": name, "phase": SFT_PHASES[kind], "skipped": f"TRL: {e}"})
                 write()
-        if "memory" in parts:
-            out["memory"] += [{**r, "settings": s} for r in memory_bench(name, MEMORY_PAIRS, args.set)]
-            write()
     return out
 
 
