@@ -143,7 +143,8 @@ def summary() -> str:
                          "warm-up step; above: what the step adds to the resident set before it):\n")
             lines.append("| model | candidate | peak MB | step peak above resident MB |\n|---|---|---|---|")
             lines += [f"| {r['model']} | {r['candidate']} | {r['peak_mb']:.0f} | "
-                      f"{r['step_peak_above_resident_mb']:.0f} |" for r in d["memory"]]
+                      f"{r['step_peak_above_resident_mb']:.0f} |" if "skipped" not in r else
+                      f"| {r['model']} | {r['candidate']} | {r['skipped']} | |" for r in d["memory"]]
     p = RESULTS / "distributed.json"
     if p.exists():
         d = json.loads(p.read_text())

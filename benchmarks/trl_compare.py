@@ -779,6 +779,12 @@ def memory_bench(name: str, candidates: list[str], overrides: str = "") -> list[
                               "--set", overrides],
                              capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("MEMORY ")]
+        if out.returncode and "'TrainableTokensWrapper' object has no attribute" in out.stderr:
+            # the pair TRL cannot run (see main): recorded as such, the other candidates still measured
+            rows.append({"model": name, "candidate": c, "skipped": "TRL: 'TrainableTokensWrapper' object has no "
+                                                                    "attribute 'bias'"})
+            print(f"[{name} memory] {c:<24} skipped: TRL cannot run this pair", flush=True)
+            continue
         if out.returncode or not line:
             raise RuntimeError(f"memory child {c} on {name} failed:\n{out.stderr[-3000:]}")
         r = {"model": name, **json.loads(line[-1][len("MEMORY "):])}
@@ -814,12 +820,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     parts = args.parts.split(",")
     path = Path(__file__).resolve().parent / "results" / f"{RESULT}.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
     out = {"grpo": [], "sft": [], "memory": []}
 
     def write() -> None:
         """Saves what is measured so far (a later crash loses nothing), keeping the other
-        models' and parts' rows of an earlier run."""
+        models' and parts' rows of the file as it is now (another run may have written it)."""
+        old = json.loads(path.read_text()) if path.exists() else {}
         merged = {}
         for part, rows in out.items():
             done = {r["model"] for r in rows}
