@@ -195,10 +195,8 @@ def latent_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             layers[k].append(states[k])
         prev_states = tuple(h[:, -1] for h in states)  # (last,) unless all_layers
     hidden_all = torch.cat(hidden, 1)
-    if logits:
-        logits_all = torch.cat(logits, 1)[:, -logits_to_keep:] if logits_to_keep else torch.cat(logits, 1)
-    else:
-        logits_all = model.get_output_embeddings()(hidden_all[:, -logits_to_keep:] if logits_to_keep else hidden_all)
+    first = T - logits_to_keep if logits_to_keep else 0  # the first position whose logits are returned
+    logits_all = torch.cat(logits, 1)[:, first:] if logits else model.get_output_embeddings()(hidden_all[:, first:])
     # the injected vectors at their columns, zeros elsewhere (built once: one op, not one per chunk)
     all_thoughts = embeds.new_zeros(embeds.shape)
     if thoughts:
