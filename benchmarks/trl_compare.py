@@ -100,6 +100,14 @@ LOSS_RTOL = 1e-5  # relative difference allowed between the two losses on the sa
 # with the terms (float32 eps 1.2e-7 over a few hundred tokens), not with the small total
 LOSS_ATOL = 1e-6
 SFT_PHASES = {"switch": "SWITCH phase 1", "coconut": "Coconut stage 0"}
+# what TRL raises on a pair it cannot run (see main): its fused LM head reads lm_head.bias, which a tied head
+# with peft's trainable token rows (a TrainableTokensWrapper) lacks
+TRL_CANNOT_RUN = "'TrainableTokensWrapper' object has no attribute"
+
+
+def _cannot_run(message: str) -> str | None:
+    """The line of ``message`` (an error or a child's stderr) saying TRL cannot run the pair, else None."""
+    return next((ln.strip() for ln in reversed(message.splitlines()) if TRL_CANNOT_RUN in ln), None)
 RESULT = "trl_comparison"
 
 
@@ -779,10 +787,9 @@ def memory_bench(name: str, candidates: list[str], overrides: str = "") -> list[
                               "--set", overrides],
                              capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("MEMORY ")]
-        if out.returncode and "'TrainableTokensWrapper' object has no attribute" in out.stderr:
-            # the pair TRL cannot run (see main): recorded as such, the other candidates still measured
-            rows.append({"model": name, "candidate": c, "skipped": "TRL: 'TrainableTokensWrapper' object has no "
-                                                                    "attribute 'bias'"})
+        reason = _cannot_run(out.stderr) if out.returncode else None
+        if reason:  # recorded as such, the other candidates still measured
+            rows.append({"model": name, "candidate": c, "skipped": f"TRL: {reason.split(': ', 1)[-1]}"})
             print(f"[{name} memory] {c:<24} skipped: TRL cannot run this pair", flush=True)
             continue
         if out.returncode or not line:
@@ -849,10 +856,8 @@ def main(argv=None):
                 try:
                     out["sft"].append({**sft_bench(name, kind, args.repeats, s), "settings": s})
                 except AttributeError as e:
-                    if "TrainableTokensWrapper" not in str(e):
+                    if not _cannot_run(str(e)):  # TRL's SFTTrainer always scores through its fused LM head
                         raise
-                    # TRL's SFTTrainer always scores through its fused LM head, which reads lm_head.bias; a
-                    # tied head with peft's trainable token rows is a TrainableTokensWrapper without it
                     print(f"[{name} sft {kind}] TRL cannot run this pair: {e}", flush=True)
                     out["sft"].append({"model": name, "phase": SFT_PHASES[kind], "skipped": f"TRL: {e}"})
                 write()
