@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,10 @@ def load_head(path: Path, hidden_size: int) -> ProjectionHead:
         raise artifacts.MissingArtifactError(f"{path} does not exist: a QThink checkpoint holds {HEAD_FILE} "
                                              "beside the model directory's files")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's note on a plain (non-zip) pickle's protocol: the file is refused or read below either way
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path} was refused: its pickle imports or calls something other than tensors ({e}). A projection "
