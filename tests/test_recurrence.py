@@ -255,6 +255,23 @@ def test_generation_without_scores_gives_the_same_tokens(lm):
     assert torch.isfinite(a.logprob).all() and b.logprob.isnan().all() and b.entropy.isnan().all()
 
 
+def test_a_trace_made_in_inference_mode_can_enter_autograd(lm):
+    """Generation runs in ``torch.inference_mode``; what it returns must still be usable by a
+    forward with gradients (GRPO scores its rollouts that way)."""
+    model, tok, ids = lm
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    trace = generate(model, enc.input_ids, enc.attention_mask, policy=ScriptedPolicy([ids["<bot>"], LATENT, LATENT]),
+                     max_new_tokens=5, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     latent_token_id=ids["<latent>"], capture_layers=(1,))
+    tensors = [trace.tokens, trace.is_latent, trace.valid, trace.entropy, trace.logprob, trace.thoughts,
+               *trace.hidden.values(), *trace.prompt_hidden.values()]
+    assert not any(t.is_inference() for t in tensors)
+    w = torch.ones(trace.thoughts.shape[-1], requires_grad=True)
+    (trace.thoughts * w).sum().backward()  # saves the thoughts for the backward: an inference tensor is refused
+    assert torch.allclose(w.grad, trace.thoughts.sum((0, 1)))
+    trace.tokens[0, 0] = 0  # and in-place writes work outside inference mode
+
+
 def test_bad_inputs_are_refused_with_the_fix(lm):
     model, tok, ids = lm
     input_ids, mask, latent = batch_with_thoughts(tok, ids)
