@@ -6,7 +6,11 @@ every step, then asks the policy what each sequence does with it. A policy has
 - ``start(batch_size, device) -> state``: per-sequence state tensors;
 - ``step(state, sampled) -> (latent, token)``: ``latent`` ``(B,)`` bool says which
   sequences take a latent step now; ``token`` ``(B,)`` the token the others emit (the
-  sampled one, or a forced one). The policy updates ``state`` in place.
+  sampled one, or a forced one). The policy updates ``state`` in place;
+- optionally ``reads_sample(state) -> bool``: whether the next ``step`` reads ``sampled``
+  for any sequence. When it does not (every sequence's next step is forced: a scripted
+  thought or token, a SWITCH block shorter than ``K_min``), the engine skips the LM head
+  for that step (see :func:`reads_sample`); a policy without the method is always read.
 
 All policies are vectorised over the batch, so sequences in different modes share one
 forward. Method modules compose these; nothing here knows a method's name.
@@ -18,10 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TextPolicy", "ScriptedPolicy", "SwitchPolicy", "latent_script", "LATENT", "FREE"]
+__all__ = ["TextPolicy", "ScriptedPolicy", "SwitchPolicy", "latent_script", "reads_sample", "LATENT", "FREE"]
 
 LATENT = -1  # script entry: take a latent step
 FREE = -2  # script entry: decode freely (the sampled token)
+
+
+def reads_sample(policy, state) -> bool:
+    """Whether ``policy``'s next ``step`` reads the sampled token of any sequence (True for
+    a policy that does not say)."""
+    method = getattr(policy, "reads_sample", None)
+    return True if method is None else bool(method(state))
 
 
 class TextPolicy:
@@ -59,7 +70,13 @@ class ScriptedPolicy:
         table = torch.full((batch_size, max(width, 1)), FREE, dtype=torch.long)
         for i, s in enumerate(scripts):
             table[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        return {"table": table.to(device), "t": 0}
+        # per step: does any sequence's entry leave the token to the sample (FREE, or past its script)?
+        reads = (table == FREE).any(0).tolist() if width else []
+        return {"table": table.to(device), "t": 0, "reads": reads}
+
+    def reads_sample(self, state: dict) -> bool:
+        t = state["t"]
+        return t >= len(state["reads"]) or state["reads"][t]
 
     def step(self, state: dict, sampled: torch.Tensor):
         t = state["t"]
@@ -104,6 +121,10 @@ class SwitchPolicy:
             "in_latent": torch.zeros(batch_size, dtype=torch.bool, device=device),
             "count": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
+
+    def reads_sample(self, state: dict) -> bool:
+        # inside a block before K_min steps a sequence thinks whatever was sampled
+        return not bool((state["in_latent"] & (state["count"] < self.k_min)).all())
 
     def step(self, state: dict, sampled: torch.Tensor):
         in_latent, count = state["in_latent"], state["count"]

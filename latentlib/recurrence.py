@@ -24,7 +24,8 @@ sampled token and says, per sequence, whether the next input is that token, a fo
 token, or a latent step. Fixed-K thoughts (Coconut, QThink), SWITCH's dynamic blocks,
 pause tokens and plain decoding are all policies over this one loop; the engine has no
 method-specific branch. As in ``model.generate``, the LM head runs on the last position
-only; unlike it, a large KV cache is written in place into room reserved after the prompt
+only, and not at all on a step whose input the policy forces in every sequence (a
+thought of a fixed-K script); unlike it, a large KV cache is written in place into room reserved after the prompt
 pass instead of being concatenated every step, and the loop runs in ``torch.inference_mode``
 (the trace it returns is copied out of it). Every layer's hidden states are collected
 only when the injector or a capture reads one other than the last
@@ -50,6 +51,7 @@ from transformers.cache_utils import DynamicLayer
 from latentlib import distributed
 from latentlib.deferred_grads import DeferredWeightGrads
 from latentlib.injection import HiddenLayer, Injector
+from latentlib.policies import reads_sample
 
 __all__ = ["LatentOutput", "Trace", "position_ids_for", "latent_forward", "generate", "sample_tokens"]
 
@@ -361,7 +363,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 class _LastPosition:
     """One cached forward of generation, returning what the loop reads: the logits
-    ``(B, V)`` and hidden states (a tuple of ``(B, D)``: every layer's, or ``(last,)``
+    ``(B, V)`` (``None`` when ``head=False`` on the decoder path) and hidden states (a tuple of ``(B, D)``: every layer's, or ``(last,)``
     unless ``all_layers``) of the last position, and the cache.
 
     As ``model.generate`` does, the LM head runs on the last position only (the prompt
@@ -377,12 +379,12 @@ class _LastPosition:
         self.head = model.get_output_embeddings() if self.decoder is not None else None
         self.keep = {"logits_to_keep": 1} if self.decoder is None and _accepts(model, "logits_to_keep") else {}
 
-    def __call__(self, **inputs):
+    def __call__(self, head: bool = True, **inputs):
         if self.decoder is not None:
             out = self.decoder(**inputs, use_cache=True, output_hidden_states=self.all_layers)
             last = out.last_hidden_state[:, -1]
             states = tuple(h[:, -1] for h in out.hidden_states) if self.all_layers else (last,)
-            return self.head(last), states, out.cache
+            return self.head(last) if head else None, states, out.cache
         out = self.model(**inputs, use_cache=True, output_hidden_states=True, **self.keep)
         hidden = out.hidden_states if self.all_layers else out.hidden_states[-1:]
         return out.logits[:, -1], tuple(h[:, -1] for h in hidden), out.cache
@@ -501,7 +503,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     ``position_ids_for(mask, skipped, "skip")``. ``scores=False`` skips the per-step
     entropy and log-prob (a log-softmax over the vocabulary at every step, which
     ``model.generate`` does not do either; with SmolLM2's 49k vocabulary it is a sizeable
-    part of a batched step): the trace's ``entropy`` and ``logprob`` are then NaN.
+    part of a batched step): the trace's ``entropy`` and ``logprob`` are then NaN, and the
+    LM head is skipped on the steps where the policy forces every sequence's next input
+    (:func:`latentlib.policies.reads_sample`: Coconut's and QThink's fixed thoughts, the
+    first ``K_min`` steps of a SWITCH block in every row), which ``model.generate`` cannot
+    know.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -524,16 +530,20 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     embed = model.get_input_embeddings()
     forward = _LastPosition(model, all_layers=_reads_all_layers(injector, capture_layers))
 
+    state = policy.start(B, device)
+    # the LM head only where a token is read: a step whose every decision the policy forces
+    # (a thought or token of a script, a SWITCH block before K_min) needs no logits
+    head = lambda: scores or reads_sample(policy, state)  # noqa: E731
+
     mask = attention_mask.long()
     pos = position_ids_for(mask)
     logits, states, cache = forward(input_ids=None if inputs_embeds is not None else input_ids,
-                                    inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos)
+                                    inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos, head=head())
     # room for every position generation can add (one per step), written in place
     cache = _reserve(cache, mask.shape[1] + max_new_tokens)
     prompt_hidden = {k: states[k] for k in capture_layers}
     next_pos = pos[:, -1] + 1  # (B,)
 
-    state = policy.start(B, device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     rec_tok, rec_lat, rec_valid, rec_ent, rec_lp, rec_th = [], [], [], [], [], []
     rec_hidden: dict[int, list[torch.Tensor]] = {k: [] for k in capture_layers}
@@ -544,7 +554,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         nonlocal mask, cache, logits, states, next_pos
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits, states, cache = forward(inputs_embeds=step_in[:, None], attention_mask=mask,
-                                        position_ids=next_pos[:, None], cache=cache)
+                                        position_ids=next_pos[:, None], cache=cache, head=head())
         for k in capture_layers:
             rec_hidden[k].append(states[k])
         # "skip" positions: a thought (or a neutral token) does not advance the counter for what follows it.
@@ -560,14 +570,17 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     for step in range(max_new_tokens):
         if step > 0:
             advance(step_in, latent, token)
-        sampled = sample_tokens(logits, temperature, top_p, uniforms=None if uniforms is None else uniforms[step])
+        if logits is None:  # nothing reads this step's token: a placeholder stands for it
+            sampled = torch.full((B,), placeholder, dtype=torch.long, device=device)
+        else:
+            sampled = sample_tokens(logits, temperature, top_p, uniforms=None if uniforms is None else uniforms[step])
         latent, token = policy.step(state, sampled)  # (B,) bool, (B,) long
         latent = latent & ~finished
         token = token.masked_fill(finished, pad_token_id).masked_fill(latent, placeholder)
         if scores:
             entropy, logprob = _entropy_and_logprob(logits, token, temperature)
         else:
-            entropy = logprob = logits.new_full((B,), float("nan"), dtype=torch.float)
+            entropy = logprob = torch.full((B,), float("nan"), device=device)
         n_latent = int(latent.sum())
         if n_latent == B:  # every row thinks (fixed-K thoughts): no token embedding, no masking
             thought = step_in = injector(states).to(embed.weight.dtype)

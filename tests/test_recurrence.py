@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentlib.injection import INJECTION_SPECS, Injector, NormMatched, make_injector
-from latentlib.policies import LATENT, ScriptedPolicy, SwitchPolicy, TextPolicy
+from latentlib.policies import FREE, LATENT, ScriptedPolicy, SwitchPolicy, TextPolicy, reads_sample
 from latentlib import recurrence
 from latentlib.recurrence import generate, latent_forward, position_ids_for, sample_tokens
 
@@ -253,6 +253,80 @@ def test_generation_without_scores_gives_the_same_tokens(lm):
     b = generate(model, enc.input_ids, enc.attention_mask, scores=False, **kw)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.thoughts, b.thoughts)
     assert torch.isfinite(a.logprob).all() and b.logprob.isnan().all() and b.entropy.isnan().all()
+
+
+def _head_calls(model, monkeypatch) -> list:
+    """Counts the LM head's calls (the engine's decoder path calls it itself)."""
+    assert recurrence._plain_decoder(model) is not None, "this model would take the whole-model path"
+    head, calls = model.get_output_embeddings(), []
+    forward = head.forward
+    monkeypatch.setattr(head, "forward", lambda x: calls.append(tuple(x.shape)) or forward(x))
+    return calls
+
+
+def test_the_head_is_skipped_on_steps_the_script_forces(lm, monkeypatch):
+    """Without scores, a step whose every input the script forces (a token or a thought)
+    runs no LM head; the tokens and thoughts are those of the run that scores every step."""
+    model, tok, ids = lm
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    script = [ids["<bot>"], LATENT, LATENT, LATENT, ids["<eot>"]]
+    kw = dict(policy=ScriptedPolicy(script), max_new_tokens=9, eos_token_id=-1, pad_token_id=tok.pad_token_id,
+              latent_token_id=ids["<latent>"])
+    calls = _head_calls(model, monkeypatch)
+    full = generate(model, enc.input_ids, enc.attention_mask, **kw)
+    assert len(calls) == 9  # the prompt pass and 8 steps: every step's token drawn from logits
+    calls.clear()
+    lean = generate(model, enc.input_ids, enc.attention_mask, scores=False, **kw)
+    assert len(calls) == 9 - len(script)
+    assert torch.equal(full.tokens, lean.tokens) and torch.equal(full.is_latent, lean.is_latent)
+    assert torch.equal(full.thoughts, lean.thoughts)
+    # one row left free at a step: that step reads its sample, so the head runs
+    calls.clear()
+    scripts = [script, script, [ids["<bot>"], LATENT, FREE]]
+    generate(model, enc.input_ids, enc.attention_mask, scores=False, **{**kw, "policy": ScriptedPolicy(scripts)})
+    assert len(calls) == 9 - 2
+
+
+def test_the_head_is_skipped_in_switch_blocks_before_k_min(lm, monkeypatch):
+    model, tok, ids = lm
+    enter = _pick_enter_token(model, tok)
+    kw = dict(policy=SwitchPolicy(enter_id=enter, exit_id=ids["</swi>"], k_min=2, k_max=3), max_new_tokens=16,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, latent_token_id=ids["<latent>"])
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    full = generate(model, enc.input_ids, enc.attention_mask, **kw)
+    lean = generate(model, enc.input_ids, enc.attention_mask, scores=False, **kw)
+    assert torch.equal(full.tokens, lean.tokens) and torch.equal(full.is_latent, lean.is_latent)
+    assert torch.equal(full.thoughts, lean.thoughts)
+    calls = _head_calls(model, monkeypatch)
+    for b in range(len(PROMPTS)):
+        one = tok([PROMPTS[b]], return_tensors="pt")
+        calls.clear()
+        trace = generate(model, one.input_ids, one.attention_mask, scores=False, **kw)
+        # forced: the first K_min steps of every block (the decision for each is taken before the step)
+        run, forced = 0, 0
+        for lat in trace.is_latent[0].tolist():
+            run = run + 1 if lat else 0
+            forced += lat and run <= 2
+        assert len(calls) == trace.tokens.shape[1] - forced, (b, trace.is_latent[0].tolist())
+    assert full.is_latent.any(), "no sequence entered a block: the test would check nothing"
+
+
+def test_a_policy_that_does_not_say_is_always_read():
+    class Custom:
+        def start(self, batch_size, device):
+            return {}
+
+        def step(self, state, sampled):
+            return torch.ones_like(sampled, dtype=torch.bool), sampled
+
+    assert reads_sample(Custom(), {}) is True
+    policy = SwitchPolicy(enter_id=1, exit_id=2, k_min=2, k_max=3)
+    state = policy.start(2, "cpu")
+    assert reads_sample(policy, state)  # outside a block every row may enter one
+    state["in_latent"][:] = True
+    assert not reads_sample(policy, state)  # both rows at step 0 of a block
+    state["count"][1] = 2
+    assert reads_sample(policy, state)  # row 1 may leave now
 
 
 def test_a_trace_made_in_inference_mode_can_enter_autograd(lm):

@@ -11,7 +11,7 @@ import torch
 
 from latentlib.evaluate import EvalSpec, evaluate, summarize
 from latentlib.methods.switch.config import SwitchConfig, switch_ids
-from latentlib.policies import SwitchPolicy, TextPolicy
+from latentlib.policies import SwitchPolicy, TextPolicy, reads_sample
 from latentlib.tasks import Format
 
 __all__ = ["switch_policy", "RecordingPolicy", "latent_blocks", "switch_eval_spec", "evaluate_switch",
@@ -34,6 +34,9 @@ class RecordingPolicy:
 
     def start(self, batch_size, device):
         return self.inner.start(batch_size, device)
+
+    def reads_sample(self, state) -> bool:
+        return reads_sample(self.inner, state)
 
     def step(self, state, sampled):
         latent, token = self.inner.step(state, sampled)
