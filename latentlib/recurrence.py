@@ -24,11 +24,12 @@ sampled token and says, per sequence, whether the next input is that token, a fo
 token, or a latent step. Fixed-K thoughts (Coconut, QThink), SWITCH's dynamic blocks,
 pause tokens and plain decoding are all policies over this one loop; the engine has no
 method-specific branch. As in ``model.generate``, the LM head runs on the last position
-only, and not at all on a step whose input the policy forces in every sequence (a
-thought of a fixed-K script); unlike it, a large KV cache is written in place into room reserved after the prompt
-pass instead of being concatenated every step, and the loop runs in ``torch.inference_mode``
-(the trace it returns is copied out of it). Every layer's hidden states are collected
-only when the injector or a capture reads one other than the last
+only. Unlike it: without per-step scores the head does not run at all on a step whose
+input the policy forces in every sequence (a thought of a fixed-K script); a large KV
+cache is written in place into room reserved after the prompt pass instead of being
+concatenated every step; and the loop runs in ``torch.inference_mode`` (the trace it
+returns is copied out of it). Every layer's hidden states are collected only when the
+injector or a capture reads one other than the last
 (:meth:`~latentlib.injection.Injector.reads_layers`).
 
 Conventions: ``attention_mask`` is 1 on real positions (left padding is 0); positions
@@ -297,9 +298,10 @@ class Trace:
     def copied(self) -> "Trace":
         """The same trace with every tensor copied (made outside ``torch.inference_mode``,
         the copies are ordinary tensors that autograd accepts)."""
-        return Trace(**{f.name: ({k: v.clone() for k, v in value.items()} if isinstance(value, dict)
-                                 else value.clone())
-                        for f in fields(self) for value in [getattr(self, f.name)]})
+        def copy(value):
+            return {k: v.clone() for k, v in value.items()} if isinstance(value, dict) else value.clone()
+
+        return Trace(**{f.name: copy(getattr(self, f.name)) for f in fields(self)})
 
     @property
     def visible_tokens(self) -> torch.Tensor:
@@ -363,8 +365,9 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 class _LastPosition:
     """One cached forward of generation, returning what the loop reads: the logits
-    ``(B, V)`` (``None`` when ``head=False`` on the decoder path) and hidden states (a tuple of ``(B, D)``: every layer's, or ``(last,)``
-    unless ``all_layers``) of the last position, and the cache.
+    ``(B, V)`` (``None`` when ``head=False`` on the decoder path) and hidden states (a
+    tuple of ``(B, D)``: every layer's, or ``(last,)`` unless ``all_layers``) of the last
+    position, and the cache.
 
     As ``model.generate`` does, the LM head runs on the last position only (the prompt
     pass would otherwise compute ``B x T x V`` logits to read ``B x V``): the decoder
@@ -531,9 +534,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     forward = _LastPosition(model, all_layers=_reads_all_layers(injector, capture_layers))
 
     state = policy.start(B, device)
-    # the LM head only where a token is read: a step whose every decision the policy forces
-    # (a thought or token of a script, a SWITCH block before K_min) needs no logits
-    head = lambda: scores or reads_sample(policy, state)  # noqa: E731
+    def head() -> bool:
+        """The LM head only where a token is read: a step whose every decision the policy
+        forces (a thought or token of a script, a SWITCH block before K_min) needs no logits."""
+        return scores or reads_sample(policy, state)
 
     mask = attention_mask.long()
     pos = position_ids_for(mask)
