@@ -7,10 +7,10 @@ every step, then asks the policy what each sequence does with it. A policy has
 - ``step(state, sampled) -> (latent, token)``: ``latent`` ``(B,)`` bool says which
   sequences take a latent step now; ``token`` ``(B,)`` the token the others emit (the
   sampled one, or a forced one). The policy updates ``state`` in place;
-- optionally ``reads_sample(state) -> bool``: whether the next ``step`` reads ``sampled``
-  for any sequence. When it does not (every sequence's next step is forced: a scripted
-  thought or token, a SWITCH block shorter than ``K_min``), the engine skips the LM head
-  for that step (see :func:`reads_sample`); a policy without the method is always read.
+- optionally ``reads_sample(state) -> (B,) bool``: which sequences' next ``step`` reads
+  ``sampled``. A sequence whose next step is forced (a scripted thought or token, a SWITCH
+  block shorter than ``K_min``) does not, and the engine runs the LM head only for those
+  that do (see :func:`reads_sample`); a policy without the method is read in every row.
 
 All policies are vectorised over the batch, so sequences in different modes share one
 forward. Method modules compose these; nothing here knows a method's name.
@@ -28,11 +28,13 @@ LATENT = -1  # script entry: take a latent step
 FREE = -2  # script entry: decode freely (the sampled token)
 
 
-def reads_sample(policy, state) -> bool:
-    """Whether ``policy``'s next ``step`` reads the sampled token of any sequence (True for
-    a policy that does not say)."""
+def reads_sample(policy, state, batch_size: int, device=None) -> torch.Tensor:
+    """``(B,)`` bool: the sequences whose next ``step`` of ``policy`` reads the sampled
+    token (every one for a policy that does not say)."""
     method = getattr(policy, "reads_sample", None)
-    return True if method is None else bool(method(state))
+    if method is None:
+        return torch.ones(batch_size, dtype=torch.bool, device=device)
+    return method(state)
 
 
 class TextPolicy:
@@ -70,13 +72,14 @@ class ScriptedPolicy:
         table = torch.full((batch_size, max(width, 1)), FREE, dtype=torch.long)
         for i, s in enumerate(scripts):
             table[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        # per step: does any sequence's entry leave the token to the sample (FREE, or past its script)?
-        reads = (table == FREE).any(0).tolist() if width else []
-        return {"table": table.to(device), "t": 0, "reads": reads}
+        return {"table": table.to(device), "t": 0, "width": width}
 
-    def reads_sample(self, state: dict) -> bool:
-        t = state["t"]
-        return t >= len(state["reads"]) or state["reads"][t]
+    def reads_sample(self, state: dict) -> torch.Tensor:
+        # a FREE entry, or past the script, leaves the token to the sample
+        table, t = state["table"], state["t"]
+        if t >= state["width"]:
+            return torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
+        return table[:, t] == FREE
 
     def step(self, state: dict, sampled: torch.Tensor):
         t = state["t"]
@@ -122,9 +125,9 @@ class SwitchPolicy:
             "count": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
 
-    def reads_sample(self, state: dict) -> bool:
+    def reads_sample(self, state: dict) -> torch.Tensor:
         # inside a block before K_min steps a sequence thinks whatever was sampled
-        return not bool((state["in_latent"] & (state["count"] < self.k_min)).all())
+        return ~(state["in_latent"] & (state["count"] < self.k_min))
 
     def step(self, state: dict, sampled: torch.Tensor):
         in_latent, count = state["in_latent"], state["count"]

@@ -24,8 +24,8 @@ sampled token and says, per sequence, whether the next input is that token, a fo
 token, or a latent step. Fixed-K thoughts (Coconut, QThink), SWITCH's dynamic blocks,
 pause tokens and plain decoding are all policies over this one loop; the engine has no
 method-specific branch. As in ``model.generate``, the LM head runs on the last position
-only. Unlike it: without per-step scores the head does not run at all on a step whose
-input the policy forces in every sequence (a thought of a fixed-K script); a large KV
+only. Unlike it: without per-step scores the head runs only for the sequences whose
+next input the policy does not force (not on a thought of a fixed-K script); a large KV
 cache is written in place into room reserved after the prompt pass instead of being
 concatenated every step; and the loop runs in ``torch.inference_mode`` (the trace it
 returns is copied out of it). Every layer's hidden states are collected only when the
@@ -363,11 +363,15 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
 
 
+ALL_ROWS = slice(None)  # every row of the batch (an index of the logits' first axis)
+
+
 class _LastPosition:
     """One cached forward of generation, returning what the loop reads: the logits
-    ``(B, V)`` (``None`` when ``head=False`` on the decoder path) and hidden states (a
-    tuple of ``(B, D)``: every layer's, or ``(last,)`` unless ``all_layers``) of the last
-    position, and the cache.
+    ``(B, V)`` of the batch's ``rows`` (:data:`ALL_ROWS`, a tensor of row indices, or
+    ``None`` for no logits; on the decoder path the head runs on those rows only), the
+    hidden states (a tuple of ``(B, D)``: every layer's, or ``(last,)`` unless
+    ``all_layers``) of the last position, and the cache.
 
     As ``model.generate`` does, the LM head runs on the last position only (the prompt
     pass would otherwise compute ``B x T x V`` logits to read ``B x V``): the decoder
@@ -382,15 +386,15 @@ class _LastPosition:
         self.head = model.get_output_embeddings() if self.decoder is not None else None
         self.keep = {"logits_to_keep": 1} if self.decoder is None and _accepts(model, "logits_to_keep") else {}
 
-    def __call__(self, head: bool = True, **inputs):
+    def __call__(self, rows=ALL_ROWS, **inputs):
         if self.decoder is not None:
             out = self.decoder(**inputs, use_cache=True, output_hidden_states=self.all_layers)
             last = out.last_hidden_state[:, -1]
             states = tuple(h[:, -1] for h in out.hidden_states) if self.all_layers else (last,)
-            return self.head(last) if head else None, states, out.cache
+            return None if rows is None else self.head(last[rows]), states, out.cache
         out = self.model(**inputs, use_cache=True, output_hidden_states=True, **self.keep)
         hidden = out.hidden_states if self.all_layers else out.hidden_states[-1:]
-        return out.logits[:, -1], tuple(h[:, -1] for h in hidden), out.cache
+        return None if rows is None else out.logits[:, -1][rows], tuple(h[:, -1] for h in hidden), out.cache
 
 
 class _ReservedLayer(DynamicLayer):
@@ -507,9 +511,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     entropy and log-prob (a log-softmax over the vocabulary at every step, which
     ``model.generate`` does not do either; with SmolLM2's 49k vocabulary it is a sizeable
     part of a batched step): the trace's ``entropy`` and ``logprob`` are then NaN, and the
-    LM head is skipped on the steps where the policy forces every sequence's next input
-    (:func:`latentlib.policies.reads_sample`: Coconut's and QThink's fixed thoughts, the
-    first ``K_min`` steps of a SWITCH block in every row), which ``model.generate`` cannot
+    LM head runs only for the sequences whose next input the policy does not force
+    (:func:`latentlib.policies.reads_sample`: Coconut's and QThink's fixed thoughts and the
+    first ``K_min`` steps of a SWITCH block need no token), which ``model.generate`` cannot
     know.
     """
     if max_new_tokens < 0:
@@ -534,15 +538,21 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     forward = _LastPosition(model, all_layers=_reads_all_layers(injector, capture_layers))
 
     state = policy.start(B, device)
-    def head() -> bool:
-        """The LM head only where a token is read: a step whose every decision the policy
-        forces (a thought or token of a script, a SWITCH block before K_min) needs no logits."""
-        return scores or reads_sample(policy, state)
+    def head_rows():
+        """The rows whose next decision reads a token (:data:`ALL_ROWS`, their indices, or
+        ``None``): a row the policy forces (a thought or token of a script, a SWITCH block
+        before K_min) needs no logits, and the LM head runs on the others only."""
+        if scores:
+            return ALL_ROWS
+        reads = reads_sample(policy, state, B, device)
+        n = int(reads.sum())
+        return ALL_ROWS if n == B else None if n == 0 else reads.nonzero().squeeze(1)
 
     mask = attention_mask.long()
     pos = position_ids_for(mask)
+    rows = head_rows()
     logits, states, cache = forward(input_ids=None if inputs_embeds is not None else input_ids,
-                                    inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos, head=head())
+                                    inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos, rows=rows)
     # room for every position generation can add (one per step), written in place
     cache = _reserve(cache, mask.shape[1] + max_new_tokens)
     prompt_hidden = {k: states[k] for k in capture_layers}
@@ -555,10 +565,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     neutral = torch.tensor(list(neutral_token_ids), dtype=torch.long, device=device)
 
     def advance(step_in, latent, token):
-        nonlocal mask, cache, logits, states, next_pos
+        nonlocal mask, cache, logits, states, next_pos, rows
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        rows = head_rows()
         logits, states, cache = forward(inputs_embeds=step_in[:, None], attention_mask=mask,
-                                        position_ids=next_pos[:, None], cache=cache, head=head())
+                                        position_ids=next_pos[:, None], cache=cache, rows=rows)
         for k in capture_layers:
             rec_hidden[k].append(states[k])
         # "skip" positions: a thought (or a neutral token) does not advance the counter for what follows it.
@@ -574,10 +585,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     for step in range(max_new_tokens):
         if step > 0:
             advance(step_in, latent, token)
-        if logits is None:  # nothing reads this step's token: a placeholder stands for it
+        u = None if uniforms is None else uniforms[step]
+        if rows is ALL_ROWS:
+            sampled = sample_tokens(logits, temperature, top_p, uniforms=u)
+        else:  # a placeholder stands for the token of a row that does not read it
             sampled = torch.full((B,), placeholder, dtype=torch.long, device=device)
-        else:
-            sampled = sample_tokens(logits, temperature, top_p, uniforms=None if uniforms is None else uniforms[step])
+            if rows is not None:
+                sampled[rows] = sample_tokens(logits, temperature, top_p, uniforms=None if u is None else u[rows])
         latent, token = policy.step(state, sampled)  # (B,) bool, (B,) long
         latent = latent & ~finished
         token = token.masked_fill(finished, pad_token_id).masked_fill(latent, placeholder)

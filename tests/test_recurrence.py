@@ -264,9 +264,10 @@ def _head_calls(model, monkeypatch) -> list:
     return calls
 
 
-def test_the_head_is_skipped_on_steps_the_script_forces(lm, monkeypatch):
-    """Without scores, a step whose every input the script forces (a token or a thought)
-    runs no LM head; the tokens and thoughts are those of the run that scores every step."""
+def test_the_head_runs_only_for_rows_the_script_does_not_force(lm, monkeypatch):
+    """Without scores, the LM head runs only for the rows whose next input the script does
+    not force (a token or a thought); the tokens and thoughts are those of the run that
+    scores every step, sampled with per-row seeds too."""
     model, tok, ids = lm
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     script = [ids["<bot>"], LATENT, LATENT, LATENT, ids["<eot>"]]
@@ -280,14 +281,19 @@ def test_the_head_is_skipped_on_steps_the_script_forces(lm, monkeypatch):
     assert len(calls) == 9 - len(script)
     assert torch.equal(full.tokens, lean.tokens) and torch.equal(full.is_latent, lean.is_latent)
     assert torch.equal(full.thoughts, lean.thoughts)
-    # one row left free at a step: that step reads its sample, so the head runs
+    # rows forced at different steps: the head runs on the free rows only
+    scripts = ScriptedPolicy([script, script, [ids["<bot>"], LATENT, FREE]])
+    sampling = {**kw, "policy": scripts, "temperature": 1.0, "seeds": [4, 5, 6]}
+    full = generate(model, enc.input_ids, enc.attention_mask, **sampling)
     calls.clear()
-    scripts = [script, script, [ids["<bot>"], LATENT, FREE]]
-    generate(model, enc.input_ids, enc.attention_mask, scores=False, **{**kw, "policy": ScriptedPolicy(scripts)})
-    assert len(calls) == 9 - 2
+    lean = generate(model, enc.input_ids, enc.attention_mask, scores=False, **sampling)
+    D = model.config.hidden_size
+    # steps 0-1: every row forced; 2-4: rows 0 and 1 forced (thought, thought, <eot>), row 2 free; then all free
+    assert calls == [(1, D)] * 3 + [(3, D)] * 4, calls
+    assert torch.equal(full.tokens, lean.tokens) and torch.equal(full.thoughts, lean.thoughts)
 
 
-def test_the_head_is_skipped_in_switch_blocks_before_k_min(lm, monkeypatch):
+def test_the_head_skips_rows_in_switch_blocks_before_k_min(lm, monkeypatch):
     model, tok, ids = lm
     enter = _pick_enter_token(model, tok)
     kw = dict(policy=SwitchPolicy(enter_id=enter, exit_id=ids["</swi>"], k_min=2, k_max=3), max_new_tokens=16,
@@ -298,6 +304,14 @@ def test_the_head_is_skipped_in_switch_blocks_before_k_min(lm, monkeypatch):
     assert torch.equal(full.tokens, lean.tokens) and torch.equal(full.is_latent, lean.is_latent)
     assert torch.equal(full.thoughts, lean.thoughts)
     calls = _head_calls(model, monkeypatch)
+    generate(model, enc.input_ids, enc.attention_mask, scores=False, **kw)
+    # per step, the rows read: all but those in the first K_min steps of a block
+    run, read = torch.zeros(len(PROMPTS), dtype=torch.long), []
+    for j in range(lean.tokens.shape[1]):
+        run = torch.where(lean.is_latent[:, j], run + 1, 0)
+        forced = lean.is_latent[:, j] & (run <= 2)
+        read.append(int((~forced).sum()))
+    assert [c[0] for c in calls] == [n for n in read if n], (calls, read)
     for b in range(len(PROMPTS)):
         one = tok([PROMPTS[b]], return_tensors="pt")
         calls.clear()
@@ -319,14 +333,21 @@ def test_a_policy_that_does_not_say_is_always_read():
         def step(self, state, sampled):
             return torch.ones_like(sampled, dtype=torch.bool), sampled
 
-    assert reads_sample(Custom(), {}) is True
+    assert reads_sample(Custom(), {}, 3).tolist() == [True] * 3
     policy = SwitchPolicy(enter_id=1, exit_id=2, k_min=2, k_max=3)
     state = policy.start(2, "cpu")
-    assert reads_sample(policy, state)  # outside a block every row may enter one
+    assert reads_sample(policy, state, 2).tolist() == [True, True]  # outside a block every row may enter one
     state["in_latent"][:] = True
-    assert not reads_sample(policy, state)  # both rows at step 0 of a block
+    assert reads_sample(policy, state, 2).tolist() == [False, False]  # both rows at step 0 of a block
     state["count"][1] = 2
-    assert reads_sample(policy, state)  # row 1 may leave now
+    assert reads_sample(policy, state, 2).tolist() == [False, True]  # row 1 may leave now
+    scripted = ScriptedPolicy([[LATENT, FREE], [7]])
+    state = scripted.start(2, "cpu")
+    reads = []
+    for _ in range(3):
+        reads.append(reads_sample(scripted, state, 2).tolist())
+        scripted.step(state, torch.zeros(2, dtype=torch.long))
+    assert reads == [[False, False], [True, True], [True, True]]
 
 
 def test_a_trace_made_in_inference_mode_can_enter_autograd(lm):

@@ -33,10 +33,11 @@ class RecordingPolicy:
         self.tokens: list[torch.Tensor] = []
 
     def start(self, batch_size, device):
+        self.shape = (batch_size, device)
         return self.inner.start(batch_size, device)
 
-    def reads_sample(self, state) -> bool:
-        return reads_sample(self.inner, state)
+    def reads_sample(self, state):
+        return reads_sample(self.inner, state, *self.shape)
 
     def step(self, state, sampled):
         latent, token = self.inner.step(state, sampled)
