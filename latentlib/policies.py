@@ -7,10 +7,11 @@ every step, then asks the policy what each sequence does with it. A policy has
 - ``step(state, sampled) -> (latent, token)``: ``latent`` ``(B,)`` bool says which
   sequences take a latent step now; ``token`` ``(B,)`` the token the others emit (the
   sampled one, or a forced one). The policy updates ``state`` in place;
-- optionally ``reads_sample(state) -> (B,) bool``: which sequences' next ``step`` reads
-  ``sampled``. A sequence whose next step is forced (a scripted thought or token, a SWITCH
-  block shorter than ``K_min``) does not, and the engine runs the LM head only for those
-  that do (see :func:`reads_sample`); a policy without the method is read in every row.
+- optionally ``reads_sample(state) -> (B,) bool | None``: which sequences' next ``step``
+  reads ``sampled`` (``None``: every one). A sequence whose next step is forced (a scripted
+  thought or token, a SWITCH block shorter than ``K_min``) does not, and the engine runs the
+  LM head only for those that do (see :func:`reads_sample`); a policy without the method is
+  read in every row.
 
 All policies are vectorised over the batch, so sequences in different modes share one
 forward. Method modules compose these; nothing here knows a method's name.
@@ -28,13 +29,11 @@ LATENT = -1  # script entry: take a latent step
 FREE = -2  # script entry: decode freely (the sampled token)
 
 
-def reads_sample(policy, state, batch_size: int, device=None) -> torch.Tensor:
+def reads_sample(policy, state) -> torch.Tensor | None:
     """``(B,)`` bool: the sequences whose next ``step`` of ``policy`` reads the sampled
-    token (every one for a policy that does not say)."""
+    token; ``None`` when every one does (and for a policy that does not say)."""
     method = getattr(policy, "reads_sample", None)
-    if method is None:
-        return torch.ones(batch_size, dtype=torch.bool, device=device)
-    return method(state)
+    return None if method is None else method(state)
 
 
 class TextPolicy:
@@ -74,12 +73,10 @@ class ScriptedPolicy:
             table[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         return {"table": table.to(device), "t": 0, "width": width}
 
-    def reads_sample(self, state: dict) -> torch.Tensor:
+    def reads_sample(self, state: dict) -> torch.Tensor | None:
         # a FREE entry, or past the script, leaves the token to the sample
-        table, t = state["table"], state["t"]
-        if t >= state["width"]:
-            return torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
-        return table[:, t] == FREE
+        t = state["t"]
+        return None if t >= state["width"] else state["table"][:, t] == FREE
 
     def step(self, state: dict, sampled: torch.Tensor):
         t = state["t"]

@@ -538,13 +538,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     forward = _LastPosition(model, all_layers=_reads_all_layers(injector, capture_layers))
 
     state = policy.start(B, device)
+
     def head_rows():
         """The rows whose next decision reads a token (:data:`ALL_ROWS`, their indices, or
         ``None``): a row the policy forces (a thought or token of a script, a SWITCH block
         before K_min) needs no logits, and the LM head runs on the others only."""
-        if scores:
+        reads = None if scores else reads_sample(policy, state)
+        if reads is None:
             return ALL_ROWS
-        reads = reads_sample(policy, state, B, device)
         n = int(reads.sum())
         return ALL_ROWS if n == B else None if n == 0 else reads.nonzero().squeeze(1)
 

@@ -333,21 +333,22 @@ def test_a_policy_that_does_not_say_is_always_read():
         def step(self, state, sampled):
             return torch.ones_like(sampled, dtype=torch.bool), sampled
 
-    assert reads_sample(Custom(), {}, 3).tolist() == [True] * 3
+    assert reads_sample(Custom(), {}) is None  # every row
     policy = SwitchPolicy(enter_id=1, exit_id=2, k_min=2, k_max=3)
     state = policy.start(2, "cpu")
-    assert reads_sample(policy, state, 2).tolist() == [True, True]  # outside a block every row may enter one
+    assert reads_sample(policy, state).tolist() == [True, True]  # outside a block every row may enter one
     state["in_latent"][:] = True
-    assert reads_sample(policy, state, 2).tolist() == [False, False]  # both rows at step 0 of a block
+    assert reads_sample(policy, state).tolist() == [False, False]  # both rows at step 0 of a block
     state["count"][1] = 2
-    assert reads_sample(policy, state, 2).tolist() == [False, True]  # row 1 may leave now
+    assert reads_sample(policy, state).tolist() == [False, True]  # row 1 may leave now
     scripted = ScriptedPolicy([[LATENT, FREE], [7]])
     state = scripted.start(2, "cpu")
     reads = []
     for _ in range(3):
-        reads.append(reads_sample(scripted, state, 2).tolist())
+        r = reads_sample(scripted, state)
+        reads.append(None if r is None else r.tolist())
         scripted.step(state, torch.zeros(2, dtype=torch.long))
-    assert reads == [[False, False], [True, True], [True, True]]
+    assert reads == [[False, False], [True, True], None]  # past the script: every row
 
 
 def test_a_trace_made_in_inference_mode_can_enter_autograd(lm):

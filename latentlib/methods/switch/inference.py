@@ -33,11 +33,10 @@ class RecordingPolicy:
         self.tokens: list[torch.Tensor] = []
 
     def start(self, batch_size, device):
-        self.shape = (batch_size, device)
         return self.inner.start(batch_size, device)
 
     def reads_sample(self, state):
-        return reads_sample(self.inner, state, *self.shape)
+        return reads_sample(self.inner, state)
 
     def step(self, state, sampled):
         latent, token = self.inner.step(state, sampled)
