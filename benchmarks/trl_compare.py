@@ -100,6 +100,7 @@ LOSS_RTOL = 1e-5  # relative difference allowed between the two losses on the sa
 # with the terms (float32 eps 1.2e-7 over a few hundred tokens), not with the small total
 LOSS_ATOL = 1e-6
 SFT_PHASES = {"switch": "SWITCH phase 1", "coconut": "Coconut stage 0"}
+RESULT = "trl_comparison"
 # what TRL raises on a pair it cannot run (see main): its fused LM head reads lm_head.bias, which a tied head
 # with peft's trainable token rows (a TrainableTokensWrapper) lacks
 TRL_CANNOT_RUN = "'TrainableTokensWrapper' object has no attribute"
@@ -108,7 +109,6 @@ TRL_CANNOT_RUN = "'TrainableTokensWrapper' object has no attribute"
 def _cannot_run(message: str) -> str | None:
     """The line of ``message`` (an error or a child's stderr) saying TRL cannot run the pair, else None."""
     return next((ln.strip() for ln in reversed(message.splitlines()) if TRL_CANNOT_RUN in ln), None)
-RESULT = "trl_comparison"
 
 
 def loss_parity(our_loss: float, trl_loss: float) -> dict:

@@ -276,12 +276,9 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
     per method, accuracy in [0, 1]); a point without a method has no bar for it."""
     import numpy as np
 
-    def label(r) -> str:
-        budget = (f"\n{r.base_steps} + {r.coconut_steps} steps" if "base_steps" in table and "coconut_steps" in table
-                  else "")
-        return f"{r.model}\n{r.nodes} nodes, paths {r.paths}{budget}"
-
-    labels = [label(r) for r in table.itertuples()]
+    budgets = "base_steps" in table and "coconut_steps" in table
+    labels = [f"{r.model}\n{r.nodes} nodes, paths {r.paths}"
+              + (f"\n{r.base_steps} + {r.coconut_steps} steps" if budgets else "") for r in table.itertuples()]
     methods = [m for m in ("CoT", "CoT trained as long", "no-CoT", "Coconut") if m in table]
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(table)), 4.4))
