@@ -17,6 +17,8 @@ from a gain of the extra training.
 
 Each point is one process and one run directory (``runs/sweep-<model>-n<nodes>-p<min>-<max>``),
 so points run side by side, and a point run again reuses what it trained (the reuse rule).
+``--only cot|nocot|control`` trains one part of a point and stops, so that one point's parts
+can use both cores; the point run without it then reuses them.
 Results: ``benchmarks/results/graph_sweep/<point>.json``, ``graph_sweep.md`` and
 ``graph_sweep.png``; every point records its thread count and wall times.
 """
@@ -42,36 +44,60 @@ def point_name(model: str, nodes: int, min_path: int, max_path: int, tag: str = 
     return f"sweep-{model}-n{nodes}-p{min_path}-{max_path}" + (f"-{tag}" if tag else "")
 
 
-def run_point(args) -> dict:
-    import pandas as pd
-
+def point_configs(args):
+    """The run name and the stage configurations of one point: the task, the two bases, Coconut and the control."""
     from latentlib import stages
-    from latentlib.probes import cue_accuracy
     from latentlib.tasks import TaskConfig
     from latentlib.training.loop import TrainConfig
 
-    threads = set_threads(args.threads)
     name = point_name(args.model, args.nodes, args.min_path, args.max_path, args.tag)
     task = TaskConfig(name="graph", n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                       graph_nodes=args.nodes, graph_min_path=args.min_path, graph_max_path=args.max_path)
-    t0 = time.perf_counter()
     base_cfg = stages.BaseModelsConfig(
         model=args.model, task=task, kinds=("cot", "nocot"), seed=args.seed,
         train=TrainConfig(steps=args.base_steps, batch_size=args.batch_size, lr=args.base_lr,
                           warmup_steps=min(100, args.base_steps // 5), seed=args.seed,
                           log_every=max(1, args.base_steps // 30)))
-    base = stages.base_models(name, base_cfg, progress=False)
-    t_base = time.perf_counter() - t0
     coconut_cfg = stages.CoconutStageConfig(
         model=args.model, task=task, max_latent_stage=args.max_path, steps_per_stage=args.steps_per_stage,
         final_stage_steps=args.final_stage_steps, batch_size=args.batch_size, lr=args.lr,
         uniform_prob=args.uniform_prob, seed=args.seed, second_c=0)
+    # the control the gain needs: the CoT base trained on for the curriculum's own steps and schedule,
+    # writing every step (method "cot"), so that Coconut is not compared with a shorter-trained CoT
+    control_cfg = coconut_cfg.run("plain", coconut=coconut_cfg.coconut("plain", method="cot"), eval_stages="last")
+    return name, task, base_cfg, coconut_cfg, control_cfg
+
+
+def run_part(args) -> None:
+    """Trains one part of a point (``--only``) and stops: a point's parts can then run on
+    separate cores, and ``point`` without ``--only`` reuses them (same configurations, so the
+    same keys) for its result. The control needs the CoT base to be complete."""
+    from latentlib import stages
+
+    set_threads(args.threads)
+    name, _, base_cfg, _, control_cfg = point_configs(args)
+    t0 = time.perf_counter()
+    if args.only in ("cot", "nocot"):
+        stages.base_model(name, base_cfg, args.only, progress=False)
+    else:
+        stages.coconut_model(name, control_cfg, "cot_as_long", progress=False)
+    print(f"{name}: {args.only} done in {time.perf_counter() - t0:.0f} s")
+
+
+def run_point(args) -> dict:
+    import pandas as pd
+
+    from latentlib import stages
+    from latentlib.probes import cue_accuracy
+
+    threads = set_threads(args.threads)
+    name, task, base_cfg, coconut_cfg, control_cfg = point_configs(args)
+    t0 = time.perf_counter()
+    base = stages.base_models(name, base_cfg, progress=False)
+    t_base = time.perf_counter() - t0
     coconut = stages.coconut_model(name, coconut_cfg.run("plain"), "coconut_plain", progress=False)
     frames = [("CoT", base["cot"].evaluation), ("no-CoT", base["nocot"].evaluation), ("Coconut", coconut.per_problem)]
     if args.cot_control:
-        # the control the gain needs: the CoT base trained on for the curriculum's own steps and schedule,
-        # writing every step (method "cot"), so that Coconut is not compared with a shorter-trained CoT
-        control_cfg = coconut_cfg.run("plain", coconut=coconut_cfg.coconut("plain", method="cot"), eval_stages="last")
         control = stages.coconut_model(name, control_cfg, "cot_as_long", progress=False)
         frames.append((COT_AS_LONG, control.per_problem))
     seconds = time.perf_counter() - t0
@@ -172,9 +198,14 @@ def main(argv=None) -> None:
     pt.add_argument("--cot-control", action="store_true",
                     help="also train the CoT base on for the curriculum's steps, writing every step (a control row)")
     pt.add_argument("--tag", default="", help="a suffix of the run name (another budget at the same size)")
+    pt.add_argument("--only", choices=("cot", "nocot", "control"),
+                    help="train only this part of the point and stop (run parts side by side on separate cores; "
+                         "the point without --only then reuses them)")
     sub.add_parser("report", help="the table and figure of every point run so far")
     args = ap.parse_args(argv)
-    if args.command == "point":
+    if args.command == "point" and args.only:
+        run_part(args)
+    elif args.command == "point":
         run_point(args)
     else:
         report()
