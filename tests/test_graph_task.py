@@ -8,6 +8,7 @@ module's, so a bug in the generator and its checker cannot cancel out.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 from collections import deque
@@ -418,3 +419,29 @@ def test_the_sweep_figure_draws_the_control_where_a_point_has_it():
     heights = [round(b.get_height(), 1) for b in ax.patches]
     assert heights == [84.5, 84.5, 0.0, 86.5, 55.0, 55.0, 72.0, 90.5]
     assert "3000 + 3900 steps" in ax.get_xticklabels()[1].get_text()
+
+
+def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, capsys):
+    """``graph_sweep point --only`` trains one part with the point's own configuration, so
+    the whole point run afterwards reuses it instead of training it again."""
+    from benchmarks import graph_sweep
+
+    monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(graph_sweep, "OUT", tmp_path / "results")
+    args = ["point", "--nodes", "8", "--min-path", "2", "--max-path", "3", "--n-train", "40", "--n-test", "6",
+            "--base-steps", "4", "--batch-size", "8", "--steps-per-stage", "2", "--final-stage-steps", "2",
+            "--threads", "1", "--cot-control"]
+    graph_sweep.main([*args, "--only", "nocot"])
+    part = capsys.readouterr().out
+    assert "base/nocot: training" in part and "base/cot" not in part
+    assert not (tmp_path / "results").exists()  # a part writes no result
+    graph_sweep.main([*args, "--only", "cot"])
+    graph_sweep.main([*args, "--only", "control"])
+    capsys.readouterr()
+    graph_sweep.main(args)
+    whole = capsys.readouterr().out
+    for label in ("base/cot", "base/nocot", "curriculum/cot_as_long"):
+        assert f"{label}: reused" in whole
+    assert "curriculum/coconut_plain: training" in whole
+    result = json.loads((tmp_path / "results" / "sweep-tiny-n8-p2-3.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["CoT", "no-CoT", "Coconut", graph_sweep.COT_AS_LONG]
