@@ -72,10 +72,13 @@ def run_part(args) -> None:
     """Trains one part of a point (``--only``) and stops: a point's parts can then run on
     separate cores, and ``point`` without ``--only`` reuses them (same configurations, so the
     same keys) for its result. The control needs the CoT base to be complete."""
-    from latentlib import stages
+    from latentlib import artifacts, stages
 
     set_threads(args.threads)
     name, _, base_cfg, _, control_cfg = point_configs(args)
+    if args.only == "control" and not artifacts.is_complete(artifacts.artifact_dir(name, "base", "cot")):
+        raise SystemExit(f"{name}: the control starts from the CoT base, which is not trained yet: run the same "
+                         "command with --only cot first (or wait for the process training it)")
     t0 = time.perf_counter()
     if args.only in ("cot", "nocot"):
         stages.base_model(name, base_cfg, args.only, progress=False)

@@ -431,6 +431,8 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     args = ["point", "--nodes", "8", "--min-path", "2", "--max-path", "3", "--n-train", "40", "--n-test", "6",
             "--base-steps", "4", "--batch-size", "8", "--steps-per-stage", "2", "--final-stage-steps", "2",
             "--threads", "1", "--cot-control"]
+    with pytest.raises(SystemExit, match="--only cot first"):  # the control needs the CoT base
+        graph_sweep.main([*args, "--only", "control"])
     graph_sweep.main([*args, "--only", "nocot"])
     part = capsys.readouterr().out
     assert "base/nocot: training" in part and "base/cot" not in part
