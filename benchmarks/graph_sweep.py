@@ -46,6 +46,8 @@ def point_name(model: str, nodes: int, min_path: int, max_path: int, tag: str = 
 
 def point_configs(args):
     """The run name and the stage configurations of one point: the task, the two bases, Coconut and the control."""
+    from dataclasses import replace
+
     from latentlib import stages
     from latentlib.tasks import TaskConfig
     from latentlib.training.loop import TrainConfig
@@ -59,12 +61,16 @@ def point_configs(args):
                           warmup_steps=min(100, args.base_steps // 5), seed=args.seed,
                           log_every=max(1, args.base_steps // 30)))
     coconut_cfg = stages.CoconutStageConfig(
-        model=args.model, task=task, max_latent_stage=args.max_path, steps_per_stage=args.steps_per_stage,
+        model=args.model, task=task, c_thought=args.c_thought, max_latent_stage=args.max_path,
+        steps_per_stage=args.steps_per_stage,
         final_stage_steps=args.final_stage_steps, batch_size=args.batch_size, lr=args.lr,
         uniform_prob=args.uniform_prob, seed=args.seed, second_c=0)
     # the control the gain needs: the CoT base trained on for the curriculum's own steps and schedule,
     # writing every step (method "cot"), so that Coconut is not compared with a shorter-trained CoT
-    control_cfg = coconut_cfg.run("plain", coconut=coconut_cfg.coconut("plain", method="cot"), eval_stages="last")
+    # (c and the stage mixing change nothing it trains, as it writes every step at every stage: they are
+    # fixed, so that points differing only in them share one control)
+    fixed = replace(coconut_cfg, c_thought=1, uniform_prob=stages.CoconutStageConfig.uniform_prob)
+    control_cfg = fixed.run("plain", coconut=fixed.coconut("plain", method="cot"), eval_stages="last")
     return name, task, base_cfg, coconut_cfg, control_cfg
 
 
@@ -118,7 +124,7 @@ def run_point(args) -> dict:
               "path_lengths": {int(k): int(v) for k, v in path_len.value_counts().sort_index().items()},
               "budget": {"base_steps": args.base_steps, "batch_size": args.batch_size, "base_lr": args.base_lr,
                          "steps_per_stage": args.steps_per_stage, "final_stage_steps": args.final_stage_steps,
-                         "lr": args.lr, "uniform_prob": args.uniform_prob},
+                         "lr": args.lr, "uniform_prob": args.uniform_prob, "c_thought": args.c_thought},
               "rows": rows, "coconut_stages": coconut.table.drop(columns=["method"], errors="ignore")
               .to_dict("records"),
               "seconds": {"base": t_base, "total": seconds}, "threads": threads, "machine": machine(),
@@ -143,6 +149,8 @@ def sweep_table(points: list[dict]):
         row = {"model": p["model"], "nodes": p["nodes"], "paths": f"{p['min_path']}-{p['max_path']}",
                "question_words": round(p["mean_question_words"], 1), "base_steps": p["budget"]["base_steps"],
                "coconut_steps": p["budget"]["steps_per_stage"] * (p["max_path"] - 1) + p["budget"]["final_stage_steps"],
+               # points written before --c-thought existed trained one thought per step
+               "c": p["budget"].get("c_thought", 1), "uniform_prob": p["budget"]["uniform_prob"],
                "n_test": p["n_test"]}
         for r in p["rows"]:
             row[r["method"]] = round(r["accuracy"], 3)
@@ -154,7 +162,8 @@ def sweep_table(points: list[dict]):
         # a point run again reuses what it trained: its time is what that last run trained
         row["minutes (last run)"] = round(p["seconds"]["total"] / 60, 1)
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["model", "nodes", "paths", "base_steps", "coconut_steps"],
+    return pd.DataFrame(rows).sort_values(["model", "nodes", "paths", "base_steps", "coconut_steps", "c",
+                                           "uniform_prob"],
                                           ignore_index=True)
 
 
@@ -196,7 +205,9 @@ def main(argv=None) -> None:
     pt.add_argument("--steps-per-stage", type=int, default=30)
     pt.add_argument("--final-stage-steps", type=int, default=90)
     pt.add_argument("--lr", type=float, default=1e-3)
-    pt.add_argument("--uniform-prob", type=float, default=0.3)
+    pt.add_argument("--uniform-prob", type=float, default=0.3,
+                    help="probability of a training example at a random earlier stage (the Coconut paper's ProsQA: 0)")
+    pt.add_argument("--c-thought", type=int, default=1, help="continuous thoughts per removed step (c)")
     pt.add_argument("--threads", type=int, default=2)
     pt.add_argument("--cot-control", action="store_true",
                     help="also train the CoT base on for the curriculum's steps, writing every step (a control row)")

@@ -272,13 +272,16 @@ def table1_tasks(table: pd.DataFrame, *, title: str = "Coconut's Table 1 on the 
 def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs written CoT across sizes"):
     """Accuracy of CoT, no-CoT, Coconut and (where a point trained it) the CoT trained as
     long as the curriculum, at each sweep point (one row per point with ``model``,
-    ``nodes``, ``paths``, and optionally ``base_steps`` and ``coconut_steps``, and a column
+    ``nodes``, ``paths``, optionally ``base_steps`` and ``coconut_steps`` (the budgets) and
+    ``c`` and ``uniform_prob`` (Coconut's thoughts per step and stage mixing), and a column
     per method, accuracy in [0, 1]); a point without a method has no bar for it."""
     import numpy as np
 
     budgets = "base_steps" in table and "coconut_steps" in table
+    curriculum = "c" in table and "uniform_prob" in table
     labels = [f"{r.model}\n{r.nodes} nodes, paths {r.paths}"
-              + (f"\n{r.base_steps} + {r.coconut_steps} steps" if budgets else "") for r in table.itertuples()]
+              + (f"\n{r.base_steps} + {r.coconut_steps} steps" if budgets else "")
+              + (f"\nc={r.c}, uniform {r.uniform_prob:g}" if curriculum else "") for r in table.itertuples()]
     methods = [m for m in ("CoT", "CoT trained as long", "no-CoT", "Coconut") if m in table]
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(table)), 4.4))
@@ -287,7 +290,8 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
                label=m)
     ax.set_xticks(np.arange(len(table)), labels, fontsize=7.5)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; base + curriculum steps)")
+    ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; base + curriculum steps"
+                  + ("; thoughts per step, stage mixing)" if curriculum else ")"))
     ax.set_ylim(0, 100)
     ax.axhline(50, color="grey", ls=":", lw=0.8)
     ax.set_title(title)

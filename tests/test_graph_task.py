@@ -412,13 +412,16 @@ def test_the_sweep_figure_draws_the_control_where_a_point_has_it():
 
     table = pd.DataFrame({"model": ["tiny", "tiny"], "nodes": [12, 12], "paths": ["3-5", "3-5"],
                           "base_steps": [3000, 3000], "coconut_steps": [440, 3900], "CoT": [0.845, 0.845],
-                          "no-CoT": [0.55, 0.55], "Coconut": [0.72, 0.905], "CoT trained as long": [None, 0.865]})
+                          "no-CoT": [0.55, 0.55], "Coconut": [0.72, 0.905], "CoT trained as long": [None, 0.865],
+                          "c": [1, 2], "uniform_prob": [0.3, 0.0]})
     fig = plots.graph_sweep(table)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CoT", "CoT trained as long", "no-CoT", "Coconut"]
     heights = [round(b.get_height(), 1) for b in ax.patches]
     assert heights == [84.5, 84.5, 0.0, 86.5, 55.0, 55.0, 72.0, 90.5]
     assert "3000 + 3900 steps" in ax.get_xticklabels()[1].get_text()
+    assert "c=2, uniform 0" in ax.get_xticklabels()[1].get_text()
+    assert "c=1, uniform 0.3" in ax.get_xticklabels()[0].get_text()
 
 
 def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, capsys):
@@ -447,3 +450,15 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     assert "curriculum/coconut_plain: training" in whole
     result = json.loads((tmp_path / "results" / "sweep-tiny-n8-p2-3.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["CoT", "no-CoT", "Coconut", graph_sweep.COT_AS_LONG]
+    assert result["rows"][2]["latent_steps"] == 3.0  # one thought per step, padded to the 3 stages
+    # two thoughts per step and no stage mixing: Coconut is trained again; the bases and the control
+    # (which writes every step, so neither changes it) are reused
+    graph_sweep.main([*args, "--c-thought", "2", "--uniform-prob", "0"])
+    again = capsys.readouterr().out
+    for label in ("base/cot", "base/nocot", "curriculum/cot_as_long"):
+        assert f"{label}: reused" in again
+    assert "curriculum/coconut_plain: retrained, its configuration or an input changed" in again
+    result = json.loads((tmp_path / "results" / "sweep-tiny-n8-p2-3.json").read_text())
+    assert result["rows"][2]["latent_steps"] == 6.0 and result["budget"]["c_thought"] == 2
+    table = graph_sweep.sweep_table([result])
+    assert (table.c.tolist(), table.uniform_prob.tolist()) == ([2], [0.0])
