@@ -19,8 +19,14 @@ Each point is one process and one run directory (``runs/sweep-<model>-n<nodes>-p
 so points run side by side, and a point run again reuses what it trained (the reuse rule).
 ``--only cot|nocot|control`` trains one part of a point and stops, so that one point's parts
 can use both cores; the point run without it then reuses them.
-Results: ``benchmarks/results/graph_sweep/<point>.json``, ``graph_sweep.md`` and
-``graph_sweep.png``; every point records its thread count and wall times.
+``heldout`` evaluates a finished point's models again on fresh problems of its size (1000 by
+default, none of them in the point's splits): the test split's 200 leave about 3 points of
+standard error on a difference.
+
+    python -m benchmarks.graph_sweep heldout --model tiny --nodes 12 ... --extra 1000   # the point's arguments
+
+Results: ``benchmarks/results/graph_sweep/<point>.json`` (and ``heldout/<point>.json``),
+``graph_sweep.md`` and ``graph_sweep.png``; every point records its thread count and wall times.
 """
 
 from __future__ import annotations
@@ -74,6 +80,12 @@ def point_configs(args):
     return name, task, base_cfg, coconut_cfg, control_cfg
 
 
+def point_budget(args) -> dict:
+    return {"base_steps": args.base_steps, "batch_size": args.batch_size, "base_lr": args.base_lr,
+            "steps_per_stage": args.steps_per_stage, "final_stage_steps": args.final_stage_steps,
+            "lr": args.lr, "uniform_prob": args.uniform_prob, "c_thought": args.c_thought}
+
+
 def run_part(args) -> None:
     """Trains one part of a point (``--only``) and stops: a point's parts can then run on
     separate cores, and ``point`` without ``--only`` reuses them (same configurations, so the
@@ -122,9 +134,7 @@ def run_point(args) -> dict:
               "max_path": args.max_path, "n_train": args.n_train, "n_test": len(test),
               "mean_question_words": float(pd.Series([len(r.question.split()) for r in test]).mean()),
               "path_lengths": {int(k): int(v) for k, v in path_len.value_counts().sort_index().items()},
-              "budget": {"base_steps": args.base_steps, "batch_size": args.batch_size, "base_lr": args.base_lr,
-                         "steps_per_stage": args.steps_per_stage, "final_stage_steps": args.final_stage_steps,
-                         "lr": args.lr, "uniform_prob": args.uniform_prob, "c_thought": args.c_thought},
+              "budget": point_budget(args),
               "rows": rows, "coconut_stages": coconut.table.drop(columns=["method"], errors="ignore")
               .to_dict("records"),
               "seconds": {"base": t_base, "total": seconds}, "threads": threads, "machine": machine(),
@@ -132,6 +142,84 @@ def run_point(args) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps({"point": name, "rows": rows, "seconds": result["seconds"]}, indent=1, default=float))
+    return result
+
+
+def fresh_problems(model: str, task, extra: int) -> tuple[list, list]:
+    """``extra`` problems of the point's size that it never saw, and its own test split: the
+    generator run on from the point's seed past the point's splits (it never draws one
+    problem twice, so these are in none of them). The first records must be the point's own."""
+    from dataclasses import replace
+
+    from latentlib.stages.base import task_of
+
+    _, own = task_of(model, task)
+    _, longer = task_of(model, replace(task, n_test=task.n_test + extra))
+    drawn = [*longer.splits.train, *longer.splits.valid, *longer.splits.test]
+    before = [*own.splits.train, *own.splits.valid, *own.splits.test]
+    if [r.question for r in drawn[:len(before)]] != [r.question for r in before]:
+        raise RuntimeError(f"{task}: the generator run on does not start with the point's own splits")
+    return drawn[len(before):len(before) + extra], own.splits.test  # (valid grows with n_test: more are drawn)
+
+
+def run_heldout(args) -> dict:
+    """Evaluates a point's trained models again on ``--extra`` problems they never saw (the
+    point's own test split has 200: one standard error of a difference is about 3 points
+    there), with each method's 95% interval and the paired Coconut - CoT difference."""
+    import numpy as np
+    import pandas as pd
+
+    from latentlib import artifacts, stages
+    from latentlib.evaluate import evaluate
+    from latentlib.methods.coconut import eval_spec
+    from latentlib.methods.cot import base_eval_spec
+    from latentlib.stages.base import KINDS, task_of
+
+    threads = set_threads(args.threads)
+    name, task, base_cfg, coconut_cfg, control_cfg = point_configs(args)
+    point = OUT / f"{name}.json"
+    # (points written before --c-thought existed trained one thought per step)
+    if not point.is_file() or {"c_thought": 1, **json.loads(point.read_text())["budget"]} != point_budget(args):
+        raise SystemExit(f"{name}: no finished point with this budget in {OUT}: run `point` with the same "
+                         "arguments first (heldout only evaluates what a point trained)")
+    parts = {"CoT": ("base", "cot"), "no-CoT": ("base", "nocot"), "Coconut": ("curriculum", "coconut_plain"),
+             COT_AS_LONG: ("curriculum", "cot_as_long")}
+    present = {m: p for m, p in parts.items() if artifacts.is_complete(artifacts.artifact_dir(name, *p))}
+    t0 = time.perf_counter()
+    fresh, _ = fresh_problems(args.model, task, args.extra)
+    preset, t = task_of(args.model, task)
+    budget = t.answer_budget(True)
+    frames = {}
+    for method, (stage, part) in present.items():
+        if stage == "base":
+            m = stages.base_model(name, base_cfg, part, progress=False)
+            spec = base_eval_spec(part, m.tokenizer, markers=KINDS[part][1], max_new_tokens=budget)
+            model, tok = m.model, m.tokenizer
+        else:
+            m = stages.coconut_model(name, coconut_cfg.run("plain") if part == "coconut_plain" else control_cfg,
+                                     part, progress=False)
+            spec = eval_spec(m.curriculum.end_stage, m.config, m.tokenizer, t.format, injector=m.injector,
+                             name=method)
+            model, tok = m.model, m.tokenizer
+        frames[method] = evaluate(model, tok, fresh, spec, t.format, batch_size=250, progress=False)
+    rows = []
+    for method, frame in frames.items():
+        c = frame.correct.to_numpy(float)
+        half = 1.96 * np.sqrt(c.mean() * (1 - c.mean()) / len(c))
+        rows.append({"method": method, "accuracy": float(c.mean()), "ci95": float(half),
+                     "visible_tokens": float(frame.visible_tokens.mean())})
+    diffs = {}
+    for other in ("CoT", COT_AS_LONG):
+        if "Coconut" in frames and other in frames:
+            d = frames["Coconut"].correct.to_numpy(float) - frames[other].correct.to_numpy(float)
+            diffs[f"Coconut - {other}"] = {"mean": float(d.mean()), "ci95": float(1.96 * d.std(ddof=1) / np.sqrt(len(d)))}
+    lengths = pd.Series([len(r.steps) for r in fresh]).value_counts().sort_index()
+    result = {"point": name, "n": len(fresh), "path_lengths": {int(k): int(v) for k, v in lengths.items()},
+              "rows": rows, "paired": diffs, "threads": threads, "seconds": time.perf_counter() - t0,
+              "machine": machine(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (OUT / "heldout").mkdir(parents=True, exist_ok=True)
+    (OUT / "heldout" / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
     return result
 
 
@@ -167,6 +255,27 @@ def sweep_table(points: list[dict]):
                                           ignore_index=True)
 
 
+def heldout_table():
+    """One row per point evaluated by ``heldout``, or None when none was."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted((OUT / "heldout").glob("*.json")):
+        h = json.loads(path.read_text())
+        row = {"point": h["point"], "fresh problems": h["n"]}
+        for r in h["rows"]:
+            row[r["method"]] = f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f}"
+        for name, d in h["paired"].items():
+            row[name] = f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}"
+        rows.append(row)
+    if not rows:
+        return None
+    table = pd.DataFrame(rows)
+    order = ["point", "fresh problems", "CoT", "no-CoT", "Coconut", COT_AS_LONG, "Coconut - CoT",
+             f"Coconut - {COT_AS_LONG}"]
+    return table[[c for c in order if c in table]].fillna("not trained")
+
+
 def report() -> None:
     from latentlib import plots
 
@@ -181,6 +290,12 @@ def report() -> None:
           "'cue no help': on the test problems where the deeper candidate is not the answer or both are as deep "
           f"({', '.join(f'{k}: {v}' for k, v in cue_n.items())} problems).\n",
           table.to_markdown(index=False)]
+    held = heldout_table()
+    if held is not None:
+        md += ["\n## The same models on fresh problems (`heldout`)\n",
+               "Problems of each point's size that none of its splits holds, drawn by running its generator on; "
+               "accuracy in % with a 95% interval, and the paired difference Coconut - CoT on the same problems.\n",
+               held.to_markdown(index=False)]
     (RESULTS / "graph_sweep.md").write_text("\n".join(md) + "\n")
     fig = plots.graph_sweep(table)
     fig.savefig(RESULTS / "graph_sweep.png", dpi=120, bbox_inches="tight")
@@ -191,36 +306,43 @@ def report() -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.graph_sweep", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    pt = sub.add_parser("point", help="train and evaluate one sweep point")
-    pt.add_argument("--model", default="tiny", help="a from-scratch preset: tiny (4 layers) or tiny-2l")
-    pt.add_argument("--nodes", type=int, default=12)
-    pt.add_argument("--min-path", type=int, default=3)
-    pt.add_argument("--max-path", type=int, default=5)
-    pt.add_argument("--n-train", type=int, default=20000)
-    pt.add_argument("--n-test", type=int, default=200)
-    pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--base-steps", type=int, default=600)
-    pt.add_argument("--batch-size", type=int, default=128)
-    pt.add_argument("--base-lr", type=float, default=3e-3)
-    pt.add_argument("--steps-per-stage", type=int, default=30)
-    pt.add_argument("--final-stage-steps", type=int, default=90)
-    pt.add_argument("--lr", type=float, default=1e-3)
-    pt.add_argument("--uniform-prob", type=float, default=0.3,
-                    help="probability of a training example at a random earlier stage (the Coconut paper's ProsQA: 0)")
-    pt.add_argument("--c-thought", type=int, default=1, help="continuous thoughts per removed step (c)")
-    pt.add_argument("--threads", type=int, default=2)
+    common = argparse.ArgumentParser(add_help=False)  # what a point is: its size and its budgets
+    common.add_argument("--model", default="tiny", help="a from-scratch preset: tiny (4 layers) or tiny-2l")
+    common.add_argument("--nodes", type=int, default=12)
+    common.add_argument("--min-path", type=int, default=3)
+    common.add_argument("--max-path", type=int, default=5)
+    common.add_argument("--n-train", type=int, default=20000)
+    common.add_argument("--n-test", type=int, default=200)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--base-steps", type=int, default=600)
+    common.add_argument("--batch-size", type=int, default=128)
+    common.add_argument("--base-lr", type=float, default=3e-3)
+    common.add_argument("--steps-per-stage", type=int, default=30)
+    common.add_argument("--final-stage-steps", type=int, default=90)
+    common.add_argument("--lr", type=float, default=1e-3)
+    common.add_argument("--uniform-prob", type=float, default=0.3,
+                        help="probability of a training example at a random earlier stage (the Coconut paper's "
+                             "ProsQA: 0)")
+    common.add_argument("--c-thought", type=int, default=1, help="continuous thoughts per removed step (c)")
+    common.add_argument("--threads", type=int, default=2)
+    common.add_argument("--tag", default="", help="a suffix of the run name (another budget at the same size)")
+    pt = sub.add_parser("point", parents=[common], help="train and evaluate one sweep point")
     pt.add_argument("--cot-control", action="store_true",
                     help="also train the CoT base on for the curriculum's steps, writing every step (a control row)")
-    pt.add_argument("--tag", default="", help="a suffix of the run name (another budget at the same size)")
     pt.add_argument("--only", choices=("cot", "nocot", "control"),
                     help="train only this part of the point and stop (run parts side by side on separate cores; "
                          "the point without --only then reuses them)")
+    ho = sub.add_parser("heldout", parents=[common],
+                        help="evaluate a finished point's models again on problems of its size it never saw")
+    ho.add_argument("--extra", type=int, default=1000, help="how many fresh problems")
     sub.add_parser("report", help="the table and figure of every point run so far")
     args = ap.parse_args(argv)
     if args.command == "point" and args.only:
         run_part(args)
     elif args.command == "point":
         run_point(args)
+    elif args.command == "heldout":
+        run_heldout(args)
     else:
         report()
 

@@ -462,3 +462,21 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     assert result["rows"][2]["latent_steps"] == 6.0 and result["budget"]["c_thought"] == 2
     table = graph_sweep.sweep_table([result])
     assert (table.c.tolist(), table.uniform_prob.tolist()) == ([2], [0.0])
+
+    # heldout: the same models on problems of the point's size that no split of it holds
+    with pytest.raises(SystemExit, match="run `point` with the same arguments first"):
+        graph_sweep.main(["heldout", *args[1:-1], "--extra", "7"])  # the budget of the first run, since replaced
+    graph_sweep.main(["heldout", *args[1:-1], "--c-thought", "2", "--uniform-prob", "0", "--extra", "7"])
+    held = json.loads((tmp_path / "results" / "heldout" / "sweep-tiny-n8-p2-3.json").read_text())
+    assert held["n"] == 7 and [r["method"] for r in held["rows"]] == ["CoT", "no-CoT", "Coconut",
+                                                                      graph_sweep.COT_AS_LONG]
+    assert all(0 <= r["accuracy"] <= 1 for r in held["rows"]) and "Coconut - CoT" in held["paired"]
+    from latentlib.stages.base import task_of
+    from latentlib.tasks import TaskConfig
+
+    task = TaskConfig(name="graph", n_train=40, n_test=6, graph_nodes=8, graph_min_path=2, graph_max_path=3)
+    fresh, test = graph_sweep.fresh_problems("tiny", task, 7)
+    _, own = task_of("tiny", task)
+    seen = {r.question for r in (*own.splits.train, *own.splits.valid, *own.splits.test)}
+    assert len(fresh) == 7 and not seen & {r.question for r in fresh}
+    assert [r.question for r in test] == [r.question for r in own.splits.test]
