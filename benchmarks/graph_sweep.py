@@ -187,21 +187,19 @@ def run_heldout(args) -> dict:
     present = {m: p for m, p in parts.items() if artifacts.is_complete(artifacts.artifact_dir(name, *p))}
     t0 = time.perf_counter()
     fresh, _ = fresh_problems(args.model, task, args.extra)
-    preset, t = task_of(args.model, task)
-    budget = t.answer_budget(True)
+    _, t = task_of(args.model, task)
+    budget = t.answer_budget(True)  # (the sweep's models are from scratch: one token per word)
     frames = {}
     for method, (stage, part) in present.items():
         if stage == "base":
             m = stages.base_model(name, base_cfg, part, progress=False)
             spec = base_eval_spec(part, m.tokenizer, markers=KINDS[part][1], max_new_tokens=budget)
-            model, tok = m.model, m.tokenizer
         else:
             m = stages.coconut_model(name, coconut_cfg.run("plain") if part == "coconut_plain" else control_cfg,
                                      part, progress=False)
             spec = eval_spec(m.curriculum.end_stage, m.config, m.tokenizer, t.format, injector=m.injector,
                              name=method)
-            model, tok = m.model, m.tokenizer
-        frames[method] = evaluate(model, tok, fresh, spec, t.format, batch_size=250, progress=False)
+        frames[method] = evaluate(m.model, m.tokenizer, fresh, spec, t.format, batch_size=250, progress=False)
     rows = []
     for method, frame in frames.items():
         c = frame.correct.to_numpy(float)
@@ -212,7 +210,8 @@ def run_heldout(args) -> dict:
     for other in ("CoT", COT_AS_LONG):
         if "Coconut" in frames and other in frames:
             d = frames["Coconut"].correct.to_numpy(float) - frames[other].correct.to_numpy(float)
-            diffs[f"Coconut - {other}"] = {"mean": float(d.mean()), "ci95": float(1.96 * d.std(ddof=1) / np.sqrt(len(d)))}
+            half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+            diffs[f"Coconut - {other}"] = {"mean": float(d.mean()), "ci95": float(half)}
     lengths = pd.Series([len(r.steps) for r in fresh]).value_counts().sort_index()
     result = {"point": name, "n": len(fresh), "path_lengths": {int(k): int(v) for k, v in lengths.items()},
               "rows": rows, "paired": diffs, "threads": threads, "seconds": time.perf_counter() - t0,
