@@ -86,22 +86,34 @@ def point_budget(args) -> dict:
             "lr": args.lr, "uniform_prob": args.uniform_prob, "c_thought": args.c_thought}
 
 
+PARTS = {"CoT": ("base", "cot"), "no-CoT": ("base", "nocot"), "Coconut": ("curriculum", "coconut_plain"),
+         COT_AS_LONG: ("curriculum", "cot_as_long")}  # a point's rows: (stage, artifact name)
+
+
+def point_part(name: str, part: str, base_cfg, coconut_cfg, control_cfg):
+    """One part of a point (an artifact name of :data:`PARTS`), trained or reused by key."""
+    from latentlib import stages
+
+    if part in ("cot", "nocot"):
+        return stages.base_model(name, base_cfg, part, progress=False)
+    cfg = coconut_cfg.run("plain") if part == "coconut_plain" else control_cfg
+    return stages.coconut_model(name, cfg, part, progress=False)
+
+
 def run_part(args) -> None:
     """Trains one part of a point (``--only``) and stops: a point's parts can then run on
     separate cores, and ``point`` without ``--only`` reuses them (same configurations, so the
     same keys) for its result. The control needs the CoT base to be complete."""
-    from latentlib import artifacts, stages
+    from latentlib import artifacts
 
     set_threads(args.threads)
-    name, _, base_cfg, _, control_cfg = point_configs(args)
+    name, _, base_cfg, coconut_cfg, control_cfg = point_configs(args)
     if args.only == "control" and not artifacts.is_complete(artifacts.artifact_dir(name, "base", "cot")):
         raise SystemExit(f"{name}: the control starts from the CoT base, which is not trained yet: run the same "
                          "command with --only cot first (or wait for the process training it)")
     t0 = time.perf_counter()
-    if args.only in ("cot", "nocot"):
-        stages.base_model(name, base_cfg, args.only, progress=False)
-    else:
-        stages.coconut_model(name, control_cfg, "cot_as_long", progress=False)
+    point_part(name, PARTS[COT_AS_LONG][1] if args.only == "control" else args.only, base_cfg, coconut_cfg,
+               control_cfg)
     print(f"{name}: {args.only} done in {time.perf_counter() - t0:.0f} s")
 
 
@@ -145,8 +157,8 @@ def run_point(args) -> dict:
     return result
 
 
-def fresh_problems(model: str, task, extra: int) -> tuple[list, list]:
-    """``extra`` problems of the point's size that it never saw, and its own test split: the
+def fresh_problems(model: str, task, extra: int) -> list:
+    """``extra`` problems of the point's size that it never saw: the
     generator run on from the point's seed past the point's splits (it never draws one
     problem twice, so these are in none of them). The first records must be the point's own."""
     from dataclasses import replace
@@ -159,7 +171,7 @@ def fresh_problems(model: str, task, extra: int) -> tuple[list, list]:
     before = [*own.splits.train, *own.splits.valid, *own.splits.test]
     if [r.question for r in drawn[:len(before)]] != [r.question for r in before]:
         raise RuntimeError(f"{task}: the generator run on does not start with the point's own splits")
-    return drawn[len(before):len(before) + extra], own.splits.test  # (valid grows with n_test: more are drawn)
+    return drawn[len(before):len(before) + extra]  # (valid grows with n_test: more are drawn)
 
 
 def run_heldout(args) -> dict:
@@ -169,7 +181,7 @@ def run_heldout(args) -> dict:
     import numpy as np
     import pandas as pd
 
-    from latentlib import artifacts, stages
+    from latentlib import artifacts
     from latentlib.evaluate import evaluate
     from latentlib.methods.coconut import eval_spec
     from latentlib.methods.cot import base_eval_spec
@@ -178,25 +190,20 @@ def run_heldout(args) -> dict:
     threads = set_threads(args.threads)
     name, task, base_cfg, coconut_cfg, control_cfg = point_configs(args)
     point = OUT / f"{name}.json"
-    # (points written before --c-thought existed trained one thought per step)
-    if not point.is_file() or {"c_thought": 1, **json.loads(point.read_text())["budget"]} != point_budget(args):
+    if not point.is_file() or read_point(point)["budget"] != point_budget(args):
         raise SystemExit(f"{name}: no finished point with this budget in {OUT}: run `point` with the same "
                          "arguments first (heldout only evaluates what a point trained)")
-    parts = {"CoT": ("base", "cot"), "no-CoT": ("base", "nocot"), "Coconut": ("curriculum", "coconut_plain"),
-             COT_AS_LONG: ("curriculum", "cot_as_long")}
-    present = {m: p for m, p in parts.items() if artifacts.is_complete(artifacts.artifact_dir(name, *p))}
+    present = {m: p for m, p in PARTS.items() if artifacts.is_complete(artifacts.artifact_dir(name, *p))}
     t0 = time.perf_counter()
-    fresh, _ = fresh_problems(args.model, task, args.extra)
+    fresh = fresh_problems(args.model, task, args.extra)
     _, t = task_of(args.model, task)
     budget = t.answer_budget(True)  # (the sweep's models are from scratch: one token per word)
     frames = {}
     for method, (stage, part) in present.items():
+        m = point_part(name, part, base_cfg, coconut_cfg, control_cfg)
         if stage == "base":
-            m = stages.base_model(name, base_cfg, part, progress=False)
             spec = base_eval_spec(part, m.tokenizer, markers=KINDS[part][1], max_new_tokens=budget)
         else:
-            m = stages.coconut_model(name, coconut_cfg.run("plain") if part == "coconut_plain" else control_cfg,
-                                     part, progress=False)
             spec = eval_spec(m.curriculum.end_stage, m.config, m.tokenizer, t.format, injector=m.injector,
                              name=method)
         frames[method] = evaluate(m.model, m.tokenizer, fresh, spec, t.format, batch_size=250, progress=False)
@@ -222,8 +229,14 @@ def run_heldout(args) -> dict:
     return result
 
 
+def read_point(path) -> dict:
+    point = json.loads(path.read_text())
+    point["budget"].setdefault("c_thought", 1)  # points written before --c-thought trained one thought per step
+    return point
+
+
 def load_points() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    return [read_point(p) for p in sorted(OUT.glob("*.json"))]
 
 
 def sweep_table(points: list[dict]):
@@ -236,8 +249,7 @@ def sweep_table(points: list[dict]):
         row = {"model": p["model"], "nodes": p["nodes"], "paths": f"{p['min_path']}-{p['max_path']}",
                "question_words": round(p["mean_question_words"], 1), "base_steps": p["budget"]["base_steps"],
                "coconut_steps": p["budget"]["steps_per_stage"] * (p["max_path"] - 1) + p["budget"]["final_stage_steps"],
-               # points written before --c-thought existed trained one thought per step
-               "c": p["budget"].get("c_thought", 1), "uniform_prob": p["budget"]["uniform_prob"],
+               "c": p["budget"]["c_thought"], "uniform_prob": p["budget"]["uniform_prob"],
                "n_test": p["n_test"]}
         for r in p["rows"]:
             row[r["method"]] = round(r["accuracy"], 3)
