@@ -44,6 +44,7 @@ OUT = RESULTS / "graph_sweep"
 
 
 COT_AS_LONG = "CoT trained as long"  # the control row (--cot-control)
+BY_LENGTH = "Coconut - CoT by path length"  # a heldout column
 
 
 def point_name(model: str, nodes: int, min_path: int, max_path: int, tag: str = "") -> str:
@@ -207,21 +208,33 @@ def run_heldout(args) -> dict:
             spec = eval_spec(m.curriculum.end_stage, m.config, m.tokenizer, t.format, injector=m.injector,
                              name=method)
         frames[method] = evaluate(m.model, m.tokenizer, fresh, spec, t.format, batch_size=250, progress=False)
+    path = np.array([len(r.steps) for r in fresh])
+
+    def interval(c):  # a proportion's 95% interval (normal approximation)
+        return float(1.96 * np.sqrt(c.mean() * (1 - c.mean()) / len(c)))
+
+    def paired(d):  # the mean of paired differences and its 95% interval
+        return {"mean": float(d.mean()), "ci95": float(1.96 * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else
+                float("nan"), "n": int(len(d))}
+
     rows = []
     for method, frame in frames.items():
         c = frame.correct.to_numpy(float)
-        half = 1.96 * np.sqrt(c.mean() * (1 - c.mean()) / len(c))
-        rows.append({"method": method, "accuracy": float(c.mean()), "ci95": float(half),
-                     "visible_tokens": float(frame.visible_tokens.mean())})
-    diffs = {}
+        rows.append({"method": method, "accuracy": float(c.mean()), "ci95": interval(c),
+                     "visible_tokens": float(frame.visible_tokens.mean()),
+                     # the longer the shortest path, the further ahead the first written step must look
+                     "by_path_length": {int(k): {"accuracy": float(c[path == k].mean()), "ci95": interval(c[path == k]),
+                                                 "n": int((path == k).sum())} for k in np.unique(path)}})
+    diffs, diffs_by_length = {}, {}
     for other in ("CoT", COT_AS_LONG):
         if "Coconut" in frames and other in frames:
             d = frames["Coconut"].correct.to_numpy(float) - frames[other].correct.to_numpy(float)
-            half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
-            diffs[f"Coconut - {other}"] = {"mean": float(d.mean()), "ci95": float(half)}
-    lengths = pd.Series([len(r.steps) for r in fresh]).value_counts().sort_index()
+            diffs[f"Coconut - {other}"] = paired(d)
+            diffs_by_length[f"Coconut - {other}"] = {int(k): paired(d[path == k]) for k in np.unique(path)}
+    lengths = pd.Series(path).value_counts().sort_index()
     result = {"point": name, "n": len(fresh), "path_lengths": {int(k): int(v) for k, v in lengths.items()},
-              "rows": rows, "paired": diffs, "threads": threads, "seconds": time.perf_counter() - t0,
+              "rows": rows, "paired": diffs, "paired_by_path_length": diffs_by_length,
+              "threads": threads, "seconds": time.perf_counter() - t0,
               "machine": machine(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (OUT / "heldout").mkdir(parents=True, exist_ok=True)
     (OUT / "heldout" / f"{name}.json").write_text(json.dumps(result, indent=1))
@@ -278,12 +291,18 @@ def heldout_table():
             row[r["method"]] = f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f}"
         for name, d in h["paired"].items():
             row[name] = f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}"
+        by_length = h.get("paired_by_path_length", {}).get("Coconut - CoT")  # (written since this split exists)
+        if by_length:
+            row[BY_LENGTH] = "; ".join(f"{k} edges: {100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f} (n={d['n']})"
+                                       for k, d in by_length.items())
         rows.append(row)
     if not rows:
         return None
     table = pd.DataFrame(rows)
     order = ["point", "fresh problems", "CoT", "no-CoT", "Coconut", COT_AS_LONG, "Coconut - CoT",
-             f"Coconut - {COT_AS_LONG}"]
+             f"Coconut - {COT_AS_LONG}", BY_LENGTH]
+    if BY_LENGTH in table:
+        table[BY_LENGTH] = table[BY_LENGTH].fillna("not split (an earlier heldout)")
     return table[[c for c in order if c in table]].fillna("not trained")
 
 

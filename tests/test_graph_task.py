@@ -471,6 +471,13 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     assert held["n"] == 7 and [r["method"] for r in held["rows"]] == ["CoT", "no-CoT", "Coconut",
                                                                       graph_sweep.COT_AS_LONG]
     assert all(0 <= r["accuracy"] <= 1 for r in held["rows"]) and "Coconut - CoT" in held["paired"]
+    for r in held["rows"]:  # the split by path length covers every fresh problem once and averages to the whole
+        parts = r["by_path_length"].values()
+        assert {k: v["n"] for k, v in r["by_path_length"].items()} == held["path_lengths"]
+        assert sum(v["accuracy"] * v["n"] for v in parts) == pytest.approx(r["accuracy"] * held["n"])
+    by_length = held["paired_by_path_length"]["Coconut - CoT"]
+    assert sum(v["mean"] * v["n"] for v in by_length.values()) == pytest.approx(held["paired"]["Coconut - CoT"]["mean"] * 7)
+    assert "by path length" in graph_sweep.heldout_table().columns[-1]
     from latentlib.stages.base import task_of
     from latentlib.tasks import TaskConfig
 
