@@ -39,7 +39,7 @@ __all__ = ["runs_root", "stage_dir", "artifact_dir", "MissingArtifactError", "Co
            "atomic_dir", "write_complete", "is_complete", "require_artifact", "save_tree", "load_tree",
            "save_json", "load_json", "versions", "rng_state", "set_rng_state", "save_state_dict",
            "load_state_dict_file", "save_model", "load_model_dir", "read_meta", "pretrained_state", "write_pretrained",
-           "is_peft", "peft_quiet"]
+           "is_peft", "peft_quiet", "no_load_bar"]
 
 COMPLETE = "COMPLETE"
 
@@ -54,6 +54,23 @@ def peft_quiet() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
                                 category=FutureWarning)
         yield
+
+
+@contextlib.contextmanager
+def no_load_bar() -> Iterator[None]:
+    """Hides transformers' "Loading weights" bar while a run's own saved model is read back
+    from local disk: that takes well under a second, and a notebook reloads its artifacts
+    many times, each bar a line of stderr in the rendered report. Loading a preset's
+    pretrained weights keeps its bar (:mod:`latentlib.hub`), since that can take minutes."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 class MissingArtifactError(FileNotFoundError):
@@ -367,7 +384,8 @@ def load_model_dir(directory: Path, base=None):
             with peft_quiet():
                 model = PeftModel.from_pretrained(base_model, directory).merge_and_unload()
         else:
-            model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+            with no_load_bar():
+                model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - reported by check_all_ranks
         error = e
     distributed.check_all_ranks(error, f"loading the model in {directory}",

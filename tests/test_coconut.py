@@ -253,3 +253,19 @@ def test_load_coconut_refuses_a_plain_model_directory(tiny, tmp_path):
     artifacts.save_model(model, tok, tmp_path / "plain", {"seed": 0})
     with pytest.raises(ValueError, match="records no Coconut configuration"):
         load_coconut(tmp_path / "plain")
+
+
+def test_reading_a_saved_model_back_draws_no_loading_bar(tiny, tmp_path, capsys):
+    """A run's own model read back from disk takes well under a second and a notebook does it
+    many times: transformers' "Loading weights" bar is hidden there (and only there)."""
+    from transformers.utils import logging as hf_logging
+
+    from latentlib import artifacts
+
+    model, tok, _ = tiny
+    artifacts.save_model(model, tok, tmp_path / "plain", {"seed": 0})
+    capsys.readouterr()
+    loaded, _ = artifacts.load_model_dir(tmp_path / "plain")
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # turned back on for every other load
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)

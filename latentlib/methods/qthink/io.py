@@ -123,11 +123,13 @@ def load_qthink(directory: Path, *, base_model=None):
         if base_model is None or isinstance(base_model, (str, Path)):
             source = base_model or json.loads((directory / "adapter_config.json").read_text())[
                 "base_model_name_or_path"]
-            base_model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
+            with artifacts.no_load_bar():
+                base_model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
         with artifacts.peft_quiet():
             model = PeftModel.from_pretrained(base_model, directory)
     else:
-        model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+        with artifacts.no_load_bar():
+            model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     model.eval()
     projection = None
     if (directory / HEAD_FILE).is_file():
