@@ -25,6 +25,7 @@ so left padding keeps the real tokens of every prompt at the end of the batch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -170,6 +171,9 @@ def _weights_unavailable_message(hub_id: str) -> str:
     )
 
 
+_LOADED: set[str] = set()  # the sources this process has loaded (their bar was shown once)
+
+
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "owner/name". Anything else that looks like a
     # filesystem path should fail as a missing directory, not as an odd hub id.
@@ -188,9 +192,16 @@ def _load_model_and_tokenizer(
     # Without adapter_kwargs, a cache-only load would still try the network
     # (about 25 s of retries when the hub is unreachable).
     adapter_kwargs = {"local_files_only": local_files_only, "cache_dir": load_options.get("cache_dir")}
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, local_files_only=local_files_only, adapter_kwargs=adapter_kwargs, **load_options
-    )
+    from latentlib.artifacts import no_load_bar
+
+    # the first load of a model in a process shows transformers' "Loading weights" bar (a large
+    # model takes minutes); a notebook loads the same one again for each method, in a moment
+    quiet = no_load_bar() if source in _LOADED else contextlib.nullcontext()
+    with quiet:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, local_files_only=local_files_only, adapter_kwargs=adapter_kwargs, **load_options
+        )
+    _LOADED.add(source)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only, **load_options)
     model.eval()
     return model, prepare_tokenizer(tokenizer)

@@ -103,6 +103,16 @@ def test_load_from_local_directory_matches_original(tmp_path):
     assert_same_outputs(original, model, loaded_tokenizer)
 
 
+def test_only_the_first_load_of_a_model_draws_its_loading_bar(tmp_path, capsys):
+    save_tiny_model(tmp_path)
+    capsys.readouterr()
+    load_hub_model(str(tmp_path))
+    assert "Loading weights" in capsys.readouterr().err  # the first: a large model takes minutes
+    again, _ = load_hub_model(str(tmp_path))
+    assert "Loading weights" not in capsys.readouterr().err  # the same model again, in a moment
+    assert isinstance(again, Qwen3ForCausalLM)
+
+
 def test_load_hub_id_from_populated_cache_without_network(monkeypatch, tmp_path):
     """A hub id whose files are already in the cache loads quickly with no network access."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
