@@ -21,7 +21,9 @@ so points run side by side, and a point run again reuses what it trained (the re
 can use both cores; the point run without it then reuses them.
 ``heldout`` evaluates a finished point's models again on fresh problems of its size (1000 by
 default, none of them in the point's splits): the test split's 200 leave about 3 points of
-standard error on a difference.
+standard error on a difference. It also splits accuracy and the paired Coconut - CoT difference
+by the length of the shortest path: the longer it is, the further ahead written CoT's first step
+must look, while each continuous thought can widen the frontier by one edge.
 
     python -m benchmarks.graph_sweep heldout --model tiny --nodes 12 ... --extra 1000   # the point's arguments
 
