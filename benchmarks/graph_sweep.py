@@ -264,7 +264,7 @@ def sweep_table(points: list[dict]):
         row = {"model": p["model"], "nodes": p["nodes"], "paths": f"{p['min_path']}-{p['max_path']}",
                "question_words": round(p["mean_question_words"], 1), "base_steps": p["budget"]["base_steps"],
                "coconut_steps": p["budget"]["steps_per_stage"] * (p["max_path"] - 1) + p["budget"]["final_stage_steps"],
-               "c": p["budget"]["c_thought"], "uniform_prob": p["budget"]["uniform_prob"],
+               "c": p["budget"]["c_thought"], "uniform_prob": p["budget"]["uniform_prob"], "lr": p["budget"]["lr"],
                "n_test": p["n_test"]}
         for r in p["rows"]:
             row[r["method"]] = round(r["accuracy"], 3)
@@ -277,7 +277,7 @@ def sweep_table(points: list[dict]):
         row["minutes (last run)"] = round(p["seconds"]["total"] / 60, 1)
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["model", "nodes", "paths", "base_steps", "coconut_steps", "c",
-                                           "uniform_prob"],
+                                           "uniform_prob", "lr"],
                                           ignore_index=True)
 
 

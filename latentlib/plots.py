@@ -273,7 +273,8 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
     """Accuracy of CoT, no-CoT, Coconut and (where a point trained it) the CoT trained as
     long as the curriculum, at each sweep point (one row per point with ``model``,
     ``nodes``, ``paths``, optionally ``base_steps`` and ``coconut_steps`` (the budgets) and
-    ``c`` and ``uniform_prob`` (Coconut's thoughts per step and stage mixing), and a column
+    ``c``, ``uniform_prob`` and ``lr`` (Coconut's thoughts per step, stage mixing and learning
+    rate), and a column
     per method, accuracy in [0, 1]); a point without a method has no bar for it."""
     import numpy as np
 
@@ -281,7 +282,8 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
     curriculum = "c" in table and "uniform_prob" in table
     labels = [f"{r.model}\n{r.nodes} nodes, paths {r.paths}"
               + (f"\n{r.base_steps} + {r.coconut_steps} steps" if budgets else "")
-              + (f"\nc={r.c}, uniform {r.uniform_prob:g}" if curriculum else "") for r in table.itertuples()]
+              + (f"\nc={r.c}, uniform {r.uniform_prob:g}" if curriculum else "")
+              + (f", lr {r.lr:g}" if curriculum and "lr" in table else "") for r in table.itertuples()]
     methods = [m for m in ("CoT", "CoT trained as long", "no-CoT", "Coconut") if m in table]
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(table)), 4.4))
@@ -291,7 +293,8 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
     ax.set_xticks(np.arange(len(table)), labels, fontsize=7.5)
     ax.set_ylabel("test accuracy (%)")
     ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; base + curriculum steps"
-                  + ("; thoughts per step, stage mixing)" if curriculum else ")"))
+                  + ("; thoughts per step, stage mixing" + (", learning rate" if "lr" in table else "") + ")"
+                     if curriculum else ")"))
     ax.set_ylim(0, 100)
     ax.axhline(50, color="grey", ls=":", lw=0.8)
     ax.set_title(title)

@@ -413,7 +413,7 @@ def test_the_sweep_figure_draws_the_control_where_a_point_has_it():
     table = pd.DataFrame({"model": ["tiny", "tiny"], "nodes": [12, 12], "paths": ["3-5", "3-5"],
                           "base_steps": [3000, 3000], "coconut_steps": [440, 3900], "CoT": [0.845, 0.845],
                           "no-CoT": [0.55, 0.55], "Coconut": [0.72, 0.905], "CoT trained as long": [None, 0.865],
-                          "c": [1, 2], "uniform_prob": [0.3, 0.0]})
+                          "c": [1, 2], "uniform_prob": [0.3, 0.0], "lr": [1e-3, 3e-4]})
     fig = plots.graph_sweep(table)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CoT", "CoT trained as long", "no-CoT", "Coconut"]
@@ -421,7 +421,8 @@ def test_the_sweep_figure_draws_the_control_where_a_point_has_it():
     assert heights == [84.5, 84.5, 0.0, 86.5, 55.0, 55.0, 72.0, 90.5]
     assert "3000 + 3900 steps" in ax.get_xticklabels()[1].get_text()
     assert "c=2, uniform 0" in ax.get_xticklabels()[1].get_text()
-    assert "c=1, uniform 0.3" in ax.get_xticklabels()[0].get_text()
+    assert "c=1, uniform 0.3, lr 0.001" in ax.get_xticklabels()[0].get_text()
+    assert "lr 0.0003" in ax.get_xticklabels()[1].get_text()  # points differing only in the learning rate
 
 
 def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, capsys):
@@ -461,7 +462,7 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     result = json.loads((tmp_path / "results" / "sweep-tiny-n8-p2-3.json").read_text())
     assert result["rows"][2]["latent_steps"] == 6.0 and result["budget"]["c_thought"] == 2
     table = graph_sweep.sweep_table([result])
-    assert (table.c.tolist(), table.uniform_prob.tolist()) == ([2], [0.0])
+    assert (table.c.tolist(), table.uniform_prob.tolist(), table.lr.tolist()) == ([2], [0.0], [1e-3])
 
     # heldout: the same models on problems of the point's size that no split of it holds
     with pytest.raises(SystemExit, match="run `point` with the same arguments first"):
