@@ -28,7 +28,8 @@ must look, while each continuous thought can widen the frontier by one edge.
     python -m benchmarks.graph_sweep heldout --model tiny --nodes 12 ... --extra 1000   # the point's arguments
 
 Results: ``benchmarks/results/graph_sweep/<point>.json`` (and ``heldout/<point>.json``),
-``graph_sweep.md`` and ``graph_sweep.png``; every point records its thread count and wall times.
+``graph_sweep.md``, ``graph_sweep.png`` and (the heldout differences by path length)
+``graph_sweep_gaps.png``; every point records its thread count and wall times.
 """
 
 from __future__ import annotations
@@ -308,6 +309,24 @@ def heldout_table():
     return table[[c for c in order if c in table]].fillna("not trained")
 
 
+def heldout_gaps():
+    """Coconut - CoT on each heldout point's fresh problems, overall and by path length
+    (long format for :func:`latentlib.plots.graph_gaps`), or None when no heldout has the split."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted((OUT / "heldout").glob("*.json")):
+        h = json.loads(path.read_text())
+        by_length = h.get("paired_by_path_length", {}).get("Coconut - CoT")
+        if not by_length:
+            continue
+        overall = h["paired"]["Coconut - CoT"]
+        rows.append({"point": h["point"], "subset": "all", "mean": overall["mean"], "ci95": overall["ci95"],
+                     "n": h["n"]})
+        rows += [{"point": h["point"], "subset": k, **d} for k, d in by_length.items()]
+    return pd.DataFrame(rows) if rows else None
+
+
 def report() -> None:
     from latentlib import plots
 
@@ -327,12 +346,18 @@ def report() -> None:
         md += ["\n## The same models on fresh problems (`heldout`)\n",
                "Problems of each point's size that none of its splits holds, drawn by running its generator on; "
                "accuracy in % with a 95% interval, and the paired difference Coconut - CoT on the same problems.\n",
-               held.to_markdown(index=False)]
+               held.to_markdown(index=False),
+               "\n![Coconut - CoT on fresh problems by path length](graph_sweep_gaps.png)"]
     (RESULTS / "graph_sweep.md").write_text("\n".join(md) + "\n")
     fig = plots.graph_sweep(table)
     fig.savefig(RESULTS / "graph_sweep.png", dpi=120, bbox_inches="tight")
+    written = [RESULTS / "graph_sweep.md", RESULTS / "graph_sweep.png"]
+    gaps = heldout_gaps()
+    if gaps is not None:
+        plots.graph_gaps(gaps).savefig(RESULTS / "graph_sweep_gaps.png", dpi=120, bbox_inches="tight")
+        written.append(RESULTS / "graph_sweep_gaps.png")
     print("\n".join(md))
-    print(f"\nwrote {RESULTS / 'graph_sweep.md'} and {RESULTS / 'graph_sweep.png'}")
+    print(f"\nwrote {', '.join(map(str, written))}")
 
 
 def main(argv=None) -> None:

@@ -7,7 +7,7 @@ import pandas as pd
 
 __all__ = ["loss_curves", "accuracy_vs_tokens", "stage_curves", "accuracy_by_stage", "accuracy_vs_thoughts",
            "entropy_by_position", "boundary_ranks", "ablation_bars", "exit_probability", "lens_matrices",
-           "table1_tasks", "graph_sweep", "output_classes", "value_spread", "value_by_height",
+           "table1_tasks", "graph_sweep", "graph_gaps", "output_classes", "value_spread", "value_by_height",
            "thought_inner_products"]
 
 
@@ -308,6 +308,51 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
 
 _CLASS_COLORS = {"correct path": "#2a9d8f", "longer path": "#8ab17d", "hallucination": "#e76f51",
                  "wrong target": "#f4a261", "correct label": "#457b9d", "incorrect label": "#bcbcbc"}
+
+
+def graph_gaps(table: pd.DataFrame, *, target: float | None = 10.0,
+               title: str = "Coconut - CoT on fresh problems, by the length of the answer path"):
+    """The paired accuracy difference Coconut - CoT with its 95% interval, in points, for
+    each sweep point (rows with ``point``, ``subset`` (``all`` or a path length), ``mean``,
+    ``ci95`` and ``n``; differences as fractions), one bar per subset the point has, and a
+    line at ``target``. A subset of fewer than 100 problems is drawn pale and hatched: its
+    interval is wide."""
+    import re
+
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    points = list(dict.fromkeys(table.point))
+    subsets = list(dict.fromkeys(table.subset))
+    width = 0.8 / len(subsets)
+    colors = dict(zip(subsets, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(points)), 4.2))
+    for i, sub in enumerate(subsets):
+        for j, point in enumerate(points):
+            row = table[(table.subset == sub) & (table.point == point)]
+            if row.empty:
+                continue
+            r = row.iloc[0]
+            few = r.n < 100
+            ax.bar(j + (i - (len(subsets) - 1) / 2) * width, 100 * r["mean"], width, yerr=100 * r.ci95, capsize=2,
+                   color=colors[sub], alpha=0.5 if few else 1.0, hatch="//" if few else None, error_kw={"lw": 0.8})
+    handles = [Patch(color=colors[sub], label="all" if sub == "all" else f"{sub}-edge paths") for sub in subsets]
+    if target is not None:
+        handles.append(ax.axhline(target, color="black", ls="--", lw=0.9, label=f"target (+{target:g})"))
+    ax.axhline(0, color="grey", lw=0.8)
+
+    def label(point):  # sweep-<model>-n<nodes>-p<min>-<max>[-<tag>]
+        m = re.fullmatch(r"sweep-(.+)-n(\d+)-p(\d+)-(\d+)(?:-(.+))?", point)
+        return point if not m else f"{m[1]}\n{m[2]} nodes, paths {m[3]}-{m[4]}" + (f"\n{m[5]}" if m[5] else "")
+
+    ax.set_xticks(np.arange(len(points)), [label(p) for p in points], fontsize=7.5)
+    ax.set_ylabel("Coconut - CoT (points, 95% interval)")
+    ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; run tag); pale and hatched: under 100 problems")
+    ax.set_title(title)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
 
 
 def output_classes(table: pd.DataFrame, *, title: str = "What the model writes after k thoughts"):

@@ -425,6 +425,33 @@ def test_the_sweep_figure_draws_the_control_where_a_point_has_it():
     assert "lr 0.0003" in ax.get_xticklabels()[1].get_text()  # points differing only in the learning rate
 
 
+def test_the_gap_figure_draws_each_points_own_path_lengths_and_the_target():
+    """Coconut - CoT by path length: a bar (with its interval) only for the lengths a point
+    has, pale and hatched under 100 problems, and the target line."""
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    from latentlib import plots
+
+    table = pd.DataFrame([
+        {"point": "sweep-tiny-n12-p3-5-long", "subset": "all", "mean": 0.04, "ci95": 0.011, "n": 5000},
+        {"point": "sweep-tiny-n12-p3-5-long", "subset": 3, "mean": 0.033, "ci95": 0.012, "n": 4193},
+        {"point": "sweep-tiny-n12-p3-5-long", "subset": 5, "mean": 0.114, "ci95": 0.141, "n": 70},
+        {"point": "sweep-tiny-2l-n12-p4-5", "subset": "all", "mean": -0.02, "ci95": 0.01, "n": 500},
+        {"point": "sweep-tiny-2l-n12-p4-5", "subset": 5, "mean": 0.08, "ci95": 0.048, "n": 436}])
+    ax = plots.graph_gaps(table).axes[0]
+    bars = ax.patches
+    assert sorted(round(b.get_height(), 1) for b in bars) == [-2.0, 3.3, 4.0, 8.0, 11.4]  # no bar for a missing length
+    assert [b.get_hatch() for b in bars if round(b.get_height(), 1) == 11.4] == ["//"]  # 70 problems
+    assert [b.get_hatch() for b in bars if round(b.get_height(), 1) == 8.0] == [None]
+    assert 10.0 in [line.get_ydata()[0] for line in ax.get_lines()]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["tiny\n12 nodes, paths 3-5\nlong", "tiny-2l\n12 nodes, paths 4-5"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["all", "3-edge paths", "5-edge paths",
+                                                                   "target (+10)"]
+
+
 def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, capsys):
     """``graph_sweep point --only`` trains one part with the point's own configuration, so
     the whole point run afterwards reuses it instead of training it again."""
@@ -479,6 +506,9 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     by_length = held["paired_by_path_length"]["Coconut - CoT"]
     assert sum(v["mean"] * v["n"] for v in by_length.values()) == pytest.approx(held["paired"]["Coconut - CoT"]["mean"] * 7)
     assert "by path length" in graph_sweep.heldout_table().columns[-1]
+    gaps = graph_sweep.heldout_gaps()
+    assert gaps.subset.tolist() == ["all", *held["path_lengths"]]
+    assert gaps.n.tolist() == [7, *held["path_lengths"].values()]
     from latentlib.stages.base import task_of
     from latentlib.tasks import TaskConfig
 
