@@ -183,7 +183,6 @@ def run_heldout(args) -> dict:
     point's own test split has 200: one standard error of a difference is about 3 points
     there), with each method's 95% interval and the paired Coconut - CoT difference."""
     import numpy as np
-    import pandas as pd
 
     from latentlib import artifacts
     from latentlib.evaluate import evaluate
@@ -212,6 +211,7 @@ def run_heldout(args) -> dict:
                              name=method)
         frames[method] = evaluate(m.model, m.tokenizer, fresh, spec, t.format, batch_size=250, progress=False)
     path = np.array([len(r.steps) for r in fresh])
+    lengths, counts = np.unique(path, return_counts=True)
 
     def interval(c):  # a proportion's 95% interval (normal approximation)
         return float(1.96 * np.sqrt(c.mean() * (1 - c.mean()) / len(c)))
@@ -227,15 +227,14 @@ def run_heldout(args) -> dict:
                      "visible_tokens": float(frame.visible_tokens.mean()),
                      # the longer the shortest path, the further ahead the first written step must look
                      "by_path_length": {int(k): {"accuracy": float(c[path == k].mean()), "ci95": interval(c[path == k]),
-                                                 "n": int((path == k).sum())} for k in np.unique(path)}})
+                                                 "n": int((path == k).sum())} for k in lengths}})
     diffs, diffs_by_length = {}, {}
     for other in ("CoT", COT_AS_LONG):
         if "Coconut" in frames and other in frames:
             d = frames["Coconut"].correct.to_numpy(float) - frames[other].correct.to_numpy(float)
             diffs[f"Coconut - {other}"] = paired(d)
-            diffs_by_length[f"Coconut - {other}"] = {int(k): paired(d[path == k]) for k in np.unique(path)}
-    lengths = pd.Series(path).value_counts().sort_index()
-    result = {"point": name, "n": len(fresh), "path_lengths": {int(k): int(v) for k, v in lengths.items()},
+            diffs_by_length[f"Coconut - {other}"] = {int(k): paired(d[path == k]) for k in lengths}
+    result = {"point": name, "n": len(fresh), "path_lengths": {int(k): int(v) for k, v in zip(lengths, counts)},
               "rows": rows, "paired": diffs, "paired_by_path_length": diffs_by_length,
               "threads": threads, "seconds": time.perf_counter() - t0,
               "machine": machine(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -282,19 +281,27 @@ def sweep_table(points: list[dict]):
                                           ignore_index=True)
 
 
-def heldout_table():
-    """One row per point evaluated by ``heldout``, or None when none was."""
+def load_heldouts() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((OUT / "heldout").glob("*.json"))]
+
+
+def gap_by_length(heldout: dict) -> dict | None:
+    """Coconut - CoT by path length, or None for a heldout written before that split existed."""
+    return heldout.get("paired_by_path_length", {}).get("Coconut - CoT")
+
+
+def heldout_table(heldouts: list[dict]):
+    """One row per point evaluated by ``heldout`` (:func:`load_heldouts`), or None when none was."""
     import pandas as pd
 
     rows = []
-    for path in sorted((OUT / "heldout").glob("*.json")):
-        h = json.loads(path.read_text())
+    for h in heldouts:
         row = {"point": h["point"], "fresh problems": h["n"]}
         for r in h["rows"]:
             row[r["method"]] = f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f}"
         for name, d in h["paired"].items():
             row[name] = f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}"
-        by_length = h.get("paired_by_path_length", {}).get("Coconut - CoT")  # (written since this split exists)
+        by_length = gap_by_length(h)
         if by_length:
             row[BY_LENGTH] = "; ".join(f"{k} edges: {100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f} (n={d['n']})"
                                        for k, d in by_length.items())
@@ -309,15 +316,14 @@ def heldout_table():
     return table[[c for c in order if c in table]].fillna("not trained")
 
 
-def heldout_gaps():
+def heldout_gaps(heldouts: list[dict]):
     """Coconut - CoT on each heldout point's fresh problems, overall and by path length
     (long format for :func:`latentlib.plots.graph_gaps`), or None when no heldout has the split."""
     import pandas as pd
 
     rows = []
-    for path in sorted((OUT / "heldout").glob("*.json")):
-        h = json.loads(path.read_text())
-        by_length = h.get("paired_by_path_length", {}).get("Coconut - CoT")
+    for h in heldouts:
+        by_length = gap_by_length(h)
         if not by_length:
             continue
         overall = h["paired"]["Coconut - CoT"]
@@ -341,7 +347,8 @@ def report() -> None:
           "'cue no help': on the test problems where the deeper candidate is not the answer or both are as deep "
           f"({', '.join(f'{k}: {v}' for k, v in cue_n.items())} problems).\n",
           table.to_markdown(index=False)]
-    held = heldout_table()
+    heldouts = load_heldouts()
+    held = heldout_table(heldouts)
     if held is not None:
         md += ["\n## The same models on fresh problems (`heldout`)\n",
                "Problems of each point's size that none of its splits holds, drawn by running its generator on; "
@@ -352,7 +359,7 @@ def report() -> None:
     fig = plots.graph_sweep(table)
     fig.savefig(RESULTS / "graph_sweep.png", dpi=120, bbox_inches="tight")
     written = [RESULTS / "graph_sweep.md", RESULTS / "graph_sweep.png"]
-    gaps = heldout_gaps()
+    gaps = heldout_gaps(heldouts)
     if gaps is not None:
         plots.graph_gaps(gaps).savefig(RESULTS / "graph_sweep_gaps.png", dpi=120, bbox_inches="tight")
         written.append(RESULTS / "graph_sweep_gaps.png")

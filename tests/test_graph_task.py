@@ -505,8 +505,8 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
         assert sum(v["accuracy"] * v["n"] for v in parts) == pytest.approx(r["accuracy"] * held["n"])
     by_length = held["paired_by_path_length"]["Coconut - CoT"]
     assert sum(v["mean"] * v["n"] for v in by_length.values()) == pytest.approx(held["paired"]["Coconut - CoT"]["mean"] * 7)
-    assert "by path length" in graph_sweep.heldout_table().columns[-1]
-    gaps = graph_sweep.heldout_gaps()
+    assert "by path length" in graph_sweep.heldout_table(graph_sweep.load_heldouts()).columns[-1]
+    gaps = graph_sweep.heldout_gaps(graph_sweep.load_heldouts())
     assert gaps.subset.tolist() == ["all", *held["path_lengths"]]
     assert gaps.n.tolist() == [7, *held["path_lengths"].values()]
     from latentlib.stages.base import task_of
