@@ -371,7 +371,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.graph_sweep", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)  # what a point is: its size and its budgets
-    common.add_argument("--model", default="tiny", help="a from-scratch preset: tiny (4 layers) or tiny-2l")
+    common.add_argument("--model", default="tiny", help="a from-scratch preset: tiny (4 layers), tiny-2l or tiny-6l")
     common.add_argument("--nodes", type=int, default=12)
     common.add_argument("--min-path", type=int, default=3)
     common.add_argument("--max-path", type=int, default=5)

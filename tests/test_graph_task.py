@@ -203,6 +203,18 @@ def test_symbolic_records_tokenize_without_unknown_words() -> None:
         assert tokenizer.unk_token_id not in ids and len(ids) == len(text.split())
 
 
+@pytest.mark.parametrize(("preset", "layers"), [("tiny-2l", 2), ("tiny", 4), ("tiny-6l", 6)])
+def test_the_sweeps_from_scratch_depths_build_models_that_differ_only_in_depth(preset: str, layers: int) -> None:
+    from latentlib.presets import build_tiny_model, build_tiny_tokenizer, get_preset
+
+    tokenizer = build_tiny_tokenizer(graph_vocabulary(GraphConfig(n_nodes=12)))
+    config = build_tiny_model(len(tokenizer), get_preset(preset)).config
+    tiny = build_tiny_model(len(tokenizer), get_preset("tiny")).config
+    assert config.num_hidden_layers == layers
+    assert (config.hidden_size, config.intermediate_size, config.num_attention_heads) == (
+        tiny.hidden_size, tiny.intermediate_size, tiny.num_attention_heads)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
