@@ -134,9 +134,13 @@ def run_point(args) -> dict:
     t_base = time.perf_counter() - t0
     coconut = stages.coconut_model(name, coconut_cfg.run("plain"), "coconut_plain", progress=False)
     frames = [("CoT", base["cot"].evaluation), ("no-CoT", base["nocot"].evaluation), ("Coconut", coconut.per_problem)]
+    # each model's training time as its artifact recorded it, whichever call trained it (a reused
+    # or copied part keeps the time of the run that made it; this call's own time is "total")
+    trained = {"CoT": base["cot"].seconds, "no-CoT": base["nocot"].seconds, "Coconut": coconut.seconds}
     if args.cot_control:
         control = stages.coconut_model(name, control_cfg, "cot_as_long", progress=False)
         frames.append((COT_AS_LONG, control.per_problem))
+        trained[COT_AS_LONG] = control.seconds
     seconds = time.perf_counter() - t0
     _, t = stages.base.task_of(args.model, task)
     test = t.splits.test
@@ -153,7 +157,7 @@ def run_point(args) -> dict:
               "budget": point_budget(args),
               "rows": rows, "coconut_stages": coconut.table.drop(columns=["method"], errors="ignore")
               .to_dict("records"),
-              "seconds": {"base": t_base, "total": seconds}, "threads": threads, "machine": machine(),
+              "seconds": {"base": t_base, "total": seconds, "trained": trained}, "threads": threads, "machine": machine(),
               "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
@@ -254,6 +258,19 @@ def load_points() -> list[dict]:
     return [read_point(p) for p in sorted(OUT.glob("*.json"))]
 
 
+TRAIN_MINUTES = "training minutes (CoT / no-CoT / Coconut / control)"
+
+
+def training_minutes(point: dict) -> str:
+    """Each model's training time as its artifact recorded it, or "not recorded" for a point
+    written before these were kept (its "total" is only what the writing call itself trained)."""
+    trained = point["seconds"].get("trained")
+    if not trained:
+        return "not recorded"
+    return " / ".join(f"{trained[m] / 60:.0f}" if m in trained else "-" for m in ("CoT", "no-CoT", "Coconut",
+                                                                                  COT_AS_LONG))
+
+
 def sweep_table(points: list[dict]):
     """One row per point: size, paths, budget, and accuracy (overall and against the cue)
     of CoT, no-CoT and Coconut."""
@@ -273,8 +290,7 @@ def sweep_table(points: list[dict]):
         row["Coconut - CoT"] = round(row["Coconut"] - row["CoT"], 3)
         if COT_AS_LONG in row:
             row[f"Coconut - {COT_AS_LONG}"] = round(row["Coconut"] - row[COT_AS_LONG], 3)
-        # a point run again reuses what it trained: its time is what that last run trained
-        row["minutes (last run)"] = round(p["seconds"]["total"] / 60, 1)
+        row[TRAIN_MINUTES] = training_minutes(p)
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["model", "nodes", "paths", "base_steps", "coconut_steps", "c",
                                            "uniform_prob", "lr"],

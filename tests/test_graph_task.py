@@ -491,6 +491,14 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     result = json.loads((tmp_path / "results" / "sweep-tiny-n8-p2-3.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["CoT", "no-CoT", "Coconut", graph_sweep.COT_AS_LONG]
     assert result["rows"][2]["latent_steps"] == 3.0  # one thought per step, padded to the 3 stages
+    # the training times are the artifacts' own, also for the parts this call only reused
+    trained = result["seconds"]["trained"]
+    runs = tmp_path / "runs" / "sweep-tiny-n8-p2-3"
+    recorded = {m: json.loads((runs / stage / part / "COMPLETE").read_text())["seconds"]
+                for m, (stage, part) in graph_sweep.PARTS.items()}
+    assert trained == recorded and all(v > 0 for v in trained.values())
+    assert graph_sweep.training_minutes(result).count(" / ") == 3
+    assert graph_sweep.training_minutes({"seconds": {"base": 1.0, "total": 2.0}}) == "not recorded"
     # two thoughts per step and no stage mixing: Coconut is trained again; the bases and the control
     # (which writes every step, so neither changes it) are reused
     graph_sweep.main([*args, "--c-thought", "2", "--uniform-prob", "0"])
