@@ -271,16 +271,27 @@ def training_minutes(point: dict) -> str:
                                                                                   COT_AS_LONG))
 
 
+def coconut_steps(point: dict) -> int:
+    return point["budget"]["steps_per_stage"] * (point["max_path"] - 1) + point["budget"]["final_stage_steps"]
+
+
+def sweep_order(point: dict) -> tuple:
+    """A point's place in the table and the figures: by model and size, then by budget."""
+    b = point["budget"]
+    return (point["model"], point["nodes"], f"{point['min_path']}-{point['max_path']}", b["base_steps"],
+            coconut_steps(point), b["c_thought"], b["uniform_prob"], b["lr"])
+
+
 def sweep_table(points: list[dict]):
     """One row per point: size, paths, budget, and accuracy (overall and against the cue)
     of CoT, no-CoT and Coconut."""
     import pandas as pd
 
     rows = []
-    for p in points:
+    for p in sorted(points, key=sweep_order):
         row = {"model": p["model"], "nodes": p["nodes"], "paths": f"{p['min_path']}-{p['max_path']}",
                "question_words": round(p["mean_question_words"], 1), "base_steps": p["budget"]["base_steps"],
-               "coconut_steps": p["budget"]["steps_per_stage"] * (p["max_path"] - 1) + p["budget"]["final_stage_steps"],
+               "coconut_steps": coconut_steps(p),
                "c": p["budget"]["c_thought"], "uniform_prob": p["budget"]["uniform_prob"], "lr": p["budget"]["lr"],
                "n_test": p["n_test"]}
         for r in p["rows"]:
@@ -292,13 +303,17 @@ def sweep_table(points: list[dict]):
             row[f"Coconut - {COT_AS_LONG}"] = round(row["Coconut"] - row[COT_AS_LONG], 3)
         row[TRAIN_MINUTES] = training_minutes(p)
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["model", "nodes", "paths", "base_steps", "coconut_steps", "c",
-                                           "uniform_prob", "lr"],
-                                          ignore_index=True)
+    return pd.DataFrame(rows)
 
 
-def load_heldouts() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((OUT / "heldout").glob("*.json"))]
+def load_heldouts(points: list[dict] | None = None) -> list[dict]:
+    """The heldout results, in the sweep table's order of their points when ``points`` is
+    given (file names would put a longer run's tag before the shorter run it extends)."""
+    heldouts = [json.loads(p.read_text()) for p in sorted((OUT / "heldout").glob("*.json"))]
+    if points is not None:
+        rank = {p["point"]: i for i, p in enumerate(sorted(points, key=sweep_order))}
+        heldouts.sort(key=lambda h: rank.get(h["point"], len(rank)))
+    return heldouts
 
 
 def gap_by_length(heldout: dict) -> dict | None:
@@ -363,7 +378,7 @@ def report() -> None:
           "'cue no help': on the test problems where the deeper candidate is not the answer or both are as deep "
           f"({', '.join(f'{k}: {v}' for k, v in cue_n.items())} problems).\n",
           table.to_markdown(index=False)]
-    heldouts = load_heldouts()
+    heldouts = load_heldouts(points)
     held = heldout_table(heldouts)
     if held is not None:
         md += ["\n## The same models on fresh problems (`heldout`)\n",

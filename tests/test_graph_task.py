@@ -538,3 +538,29 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     seen = {r.question for r in (*own.splits.train, *own.splits.valid, *own.splits.test)}
     assert len(fresh) == 7 and not seen & {r.question for r in fresh}
     assert all(2 <= len(r.steps) <= 3 for r in fresh)  # problems of the point's size
+
+
+def test_sweep_table_and_heldouts_follow_size_then_budget(tmp_path, monkeypatch):
+    """The longer run of a point (its tag extends the shorter one's name, so its file sorts
+    first) comes after the shorter one in the table and in the heldout rows and gap figure."""
+    from benchmarks import graph_sweep
+
+    monkeypatch.setattr(graph_sweep, "OUT", tmp_path)
+    (tmp_path / "heldout").mkdir()
+
+    def point(name, final_stage_steps):
+        rows = [{"method": m, "accuracy": a, "accuracy_cue_not_right": a} for m, a in
+                (("CoT", 0.9), ("no-CoT", 0.6), ("Coconut", 0.95))]
+        return {"point": name, "model": "tiny", "nodes": 12, "min_path": 3, "max_path": 5, "n_test": 200,
+                "mean_question_words": 40.0, "rows": rows, "seconds": {"base": 0.0, "total": 0.0},
+                "budget": {"base_steps": 3000, "steps_per_stage": 600, "final_stage_steps": final_stage_steps,
+                           "c_thought": 1, "uniform_prob": 0.3, "lr": 3e-3}}
+
+    short, longer = point("sweep-tiny-n12-p3-5-lr", 1500), point("sweep-tiny-n12-p3-5-lr-f4000", 4000)
+    for p in (short, longer):
+        (tmp_path / f"{p['point']}.json").write_text(json.dumps(p))
+        (tmp_path / "heldout" / f"{p['point']}.json").write_text(json.dumps({"point": p["point"]}))
+    points = graph_sweep.load_points()
+    assert [p["point"] for p in points] == [longer["point"], short["point"]]  # the file names' order
+    assert graph_sweep.sweep_table(points).coconut_steps.tolist() == [3900, 6400]
+    assert [h["point"] for h in graph_sweep.load_heldouts(points)] == [short["point"], longer["point"]]
