@@ -157,7 +157,8 @@ def run_point(args) -> dict:
               "budget": point_budget(args),
               "rows": rows, "coconut_stages": coconut.table.drop(columns=["method"], errors="ignore")
               .to_dict("records"),
-              "seconds": {"base": t_base, "total": seconds, "trained": trained}, "threads": threads, "machine": machine(),
+              "seconds": {"base": t_base, "total": seconds, "trained": trained}, "threads": threads,
+              "machine": machine(),
               "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
