@@ -18,7 +18,10 @@ from a gain of the extra training.
 Each point is one process and one run directory (``runs/sweep-<model>-n<nodes>-p<min>-<max>``),
 so points run side by side, and a point run again reuses what it trained (the reuse rule).
 ``--only cot|nocot|control`` trains one part of a point and stops, so that one point's parts
-can use both cores; the point run without it then reuses them.
+can use both cores; the point run without it then reuses them. Training checkpoints every
+``--checkpoint-every`` steps (200): a part interrupted (a killed process, a session that ends)
+and run again with the same arguments resumes from its last checkpoint and ends with the
+weights and history of an uninterrupted run, its recorded training time included.
 ``heldout`` evaluates a finished point's models again on fresh problems of its size (1000 by
 default, none of them in the point's splits): the test split's 200 leave about 3 points of
 standard error on a difference. It also splits accuracy and the paired Coconut - CoT difference
@@ -55,7 +58,10 @@ def point_name(model: str, nodes: int, min_path: int, max_path: int, tag: str = 
 
 
 def point_configs(args):
-    """The run name and the stage configurations of one point: the task, the two bases, Coconut and the control."""
+    """The run name and the stage configurations of one point: the task, the two bases, Coconut's
+    run and the control. Every training run checkpoints each ``args.checkpoint_every`` steps, which
+    its key leaves out (:data:`latentlib.stages.reuse.NOT_IN_KEY`): an interrupted part run again
+    resumes where it stopped, with the numbers of an uninterrupted run."""
     from dataclasses import replace
 
     from latentlib import stages
@@ -69,7 +75,7 @@ def point_configs(args):
         model=args.model, task=task, kinds=("cot", "nocot"), seed=args.seed,
         train=TrainConfig(steps=args.base_steps, batch_size=args.batch_size, lr=args.base_lr,
                           warmup_steps=min(100, args.base_steps // 5), seed=args.seed,
-                          log_every=max(1, args.base_steps // 30)))
+                          log_every=max(1, args.base_steps // 30), checkpoint_every=args.checkpoint_every))
     coconut_cfg = stages.CoconutStageConfig(
         model=args.model, task=task, c_thought=args.c_thought, max_latent_stage=args.max_path,
         steps_per_stage=args.steps_per_stage,
@@ -81,7 +87,9 @@ def point_configs(args):
     # fixed, so that points differing only in them share one control)
     fixed = replace(coconut_cfg, c_thought=1, uniform_prob=stages.CoconutStageConfig.uniform_prob)
     control_cfg = fixed.run("plain", coconut=fixed.coconut("plain", method="cot"), eval_stages="last")
-    return name, task, base_cfg, coconut_cfg, control_cfg
+    coconut_run, control_cfg = (replace(c, curriculum=replace(c.curriculum, train=replace(
+        c.curriculum.train, checkpoint_every=args.checkpoint_every))) for c in (coconut_cfg.run("plain"), control_cfg))
+    return name, task, base_cfg, coconut_run, control_cfg
 
 
 def point_budget(args) -> dict:
@@ -94,13 +102,13 @@ PARTS = {"CoT": ("base", "cot"), "no-CoT": ("base", "nocot"), "Coconut": ("curri
          COT_AS_LONG: ("curriculum", "cot_as_long")}  # a point's rows: (stage, artifact name)
 
 
-def point_part(name: str, part: str, base_cfg, coconut_cfg, control_cfg):
+def point_part(name: str, part: str, base_cfg, coconut_run, control_cfg):
     """One part of a point (an artifact name of :data:`PARTS`), trained or reused by key."""
     from latentlib import stages
 
     if part in ("cot", "nocot"):
         return stages.base_model(name, base_cfg, part, progress=False)
-    cfg = coconut_cfg.run("plain") if part == "coconut_plain" else control_cfg
+    cfg = coconut_run if part == "coconut_plain" else control_cfg
     return stages.coconut_model(name, cfg, part, progress=False)
 
 
@@ -111,12 +119,12 @@ def run_part(args) -> None:
     from latentlib import artifacts
 
     set_threads(args.threads)
-    name, _, base_cfg, coconut_cfg, control_cfg = point_configs(args)
+    name, _, base_cfg, coconut_run, control_cfg = point_configs(args)
     if args.only == "control" and not artifacts.is_complete(artifacts.artifact_dir(name, "base", "cot")):
         raise SystemExit(f"{name}: the control starts from the CoT base, which is not trained yet: run the same "
                          "command with --only cot first (or wait for the process training it)")
     t0 = time.perf_counter()
-    point_part(name, PARTS[COT_AS_LONG][1] if args.only == "control" else args.only, base_cfg, coconut_cfg,
+    point_part(name, PARTS[COT_AS_LONG][1] if args.only == "control" else args.only, base_cfg, coconut_run,
                control_cfg)
     print(f"{name}: {args.only} done in {time.perf_counter() - t0:.0f} s")
 
@@ -128,11 +136,11 @@ def run_point(args) -> dict:
     from latentlib.probes import cue_accuracy
 
     threads = set_threads(args.threads)
-    name, task, base_cfg, coconut_cfg, control_cfg = point_configs(args)
+    name, task, base_cfg, coconut_run, control_cfg = point_configs(args)
     t0 = time.perf_counter()
     base = stages.base_models(name, base_cfg, progress=False)
     t_base = time.perf_counter() - t0
-    coconut = stages.coconut_model(name, coconut_cfg.run("plain"), "coconut_plain", progress=False)
+    coconut = stages.coconut_model(name, coconut_run, "coconut_plain", progress=False)
     frames = [("CoT", base["cot"].evaluation), ("no-CoT", base["nocot"].evaluation), ("Coconut", coconut.per_problem)]
     # each model's training time as its artifact recorded it, whichever call trained it (a reused
     # or copied part keeps the time of the run that made it; this call's own time is "total")
@@ -196,7 +204,7 @@ def run_heldout(args) -> dict:
     from latentlib.stages.base import KINDS, task_of
 
     threads = set_threads(args.threads)
-    name, task, base_cfg, coconut_cfg, control_cfg = point_configs(args)
+    name, task, base_cfg, coconut_run, control_cfg = point_configs(args)
     point = OUT / f"{name}.json"
     if not point.is_file() or read_point(point)["budget"] != point_budget(args):
         raise SystemExit(f"{name}: no finished point with this budget in {OUT}: run `point` with the same "
@@ -208,7 +216,7 @@ def run_heldout(args) -> dict:
     budget = t.answer_budget(True)  # (the sweep's models are from scratch: one token per word)
     frames = {}
     for method, (stage, part) in present.items():
-        m = point_part(name, part, base_cfg, coconut_cfg, control_cfg)
+        m = point_part(name, part, base_cfg, coconut_run, control_cfg)
         if stage == "base":
             spec = base_eval_spec(part, m.tokenizer, markers=KINDS[part][1], max_new_tokens=budget)
         else:
@@ -422,6 +430,9 @@ def main(argv=None) -> None:
     common.add_argument("--c-thought", type=int, default=1, help="continuous thoughts per removed step (c)")
     common.add_argument("--threads", type=int, default=2)
     common.add_argument("--tag", default="", help="a suffix of the run name (another budget at the same size)")
+    common.add_argument("--checkpoint-every", type=int, default=200,
+                        help="steps between training checkpoints (0: only at the end); not part of the reuse key, "
+                             "so an interrupted part resumes from its last checkpoint when run again")
     pt = sub.add_parser("point", parents=[common], help="train and evaluate one sweep point")
     pt.add_argument("--cot-control", action="store_true",
                     help="also train the CoT base on for the curriculum's steps, writing every step (a control row)")

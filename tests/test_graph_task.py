@@ -508,6 +508,11 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     assert "curriculum/coconut_plain: retrained, its configuration or an input changed" in again
     result = json.loads((tmp_path / "results" / "sweep-tiny-n8-p2-3.json").read_text())
     assert result["rows"][2]["latent_steps"] == 6.0 and result["budget"]["c_thought"] == 2
+    # how often a part checkpoints is not part of its key: every part is reused
+    graph_sweep.main([*args, "--c-thought", "2", "--uniform-prob", "0", "--checkpoint-every", "1"])
+    out = capsys.readouterr().out
+    assert all(f"{label}: reused" in out
+               for label in ("base/cot", "base/nocot", "curriculum/coconut_plain", "curriculum/cot_as_long"))
     table = graph_sweep.sweep_table([result])
     assert (table.c.tolist(), table.uniform_prob.tolist(), table.lr.tolist()) == ([2], [0.0], [1e-3])
 

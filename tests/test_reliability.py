@@ -89,6 +89,29 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(t
     assert result.resumed_from == 6 and result.steps == 12
 
 
+def test_a_checkpoint_between_two_history_rows_resumes_into_the_same_row_and_keeps_the_time(tmp_path):
+    cfg = TrainConfig(steps=8, batch_size=16, checkpoint_every=3, log_every=2)  # checkpoints at 3 and 6: mid-row
+
+    def run(directory, stop_after=None):
+        model, tok, examples = _small_setup()
+        result = train(model, examples, lambda b: collate(b, tok.pad_token_id), lm_loss, cfg,
+                       checkpoint_dir=directory, progress=False, stop_after=stop_after)
+        return model, result
+
+    straight_model, straight = run(tmp_path / "straight")
+    _, first = run(tmp_path / "crashed", stop_after=5)  # steps 4 and 5 are lost with the process
+    saved = artifacts.load_json(tmp_path / "crashed" / "checkpoint" / "progress.json")
+    assert saved["step"] == 3 and set(saved["running"]) >= {"loss"} and 0 < saved["seconds"] <= first.seconds
+    resumed_model, resumed = run(tmp_path / "crashed")
+    assert resumed.resumed_from == 3
+    assert [r["step"] for r in resumed.history] == [2, 4, 6, 8]
+    for a, b in zip(straight.history, resumed.history):  # the row at step 4 sums steps 3 (before) and 4 (after)
+        assert a["loss"] == b["loss"], f"the history row at step {a['step']} differs after the resume"
+    for (k, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert resumed.seconds > saved["seconds"]  # the training time before the resume is counted
+
+
 def test_a_half_written_artifact_is_never_taken_for_a_finished_one(tmp_path, monkeypatch):
     monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path))
     d = artifacts.artifact_dir("r", "base", "cot")

@@ -3,6 +3,7 @@ identities of its inputs are the same; anything else retrains it, and says so.""
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -10,7 +11,7 @@ from latentlib import artifacts, stages
 from latentlib.methods.coconut import CoconutConfig
 from latentlib.methods.qthink import DistillConfig
 from latentlib.methods.switch import SpanRule, SwitchConfig, SwitchGRPOConfig
-from latentlib.stages.reuse import build_or_reuse, stage_key
+from latentlib.stages.reuse import NOT_IN_KEY, build_or_reuse, stage_key
 from latentlib.tasks import TaskConfig
 from latentlib.teacher import TeacherConfig
 from latentlib.training.curriculum import CurriculumConfig
@@ -105,8 +106,34 @@ def test_changing_any_field_of_a_stage_config_changes_its_key(name):
         if getattr(other, path[0]) == getattr(cfg, path[0]):
             continue
         tried += 1
+        if path[-1] in NOT_IN_KEY:  # how the run is carried out, not what it makes
+            assert stage_key(other, {"records": "r"}) == key, f"{name}: {'.'.join(path)} changes the key"
+            continue
         assert stage_key(other, {"records": "r"}) != key, f"{name}: {'.'.join(path)} is not in the key"
     assert tried >= len(list(_leaves(cfg))) - 3  # (a few fields only change together with another)
+
+
+def test_checkpointing_more_often_reuses_the_artifact_and_resumes_its_checkpoint(runs):
+    def cfg(every, steps=TRAIN.steps):
+        return stages.BaseModelsConfig(task=TASK, train=dataclasses.replace(TRAIN, checkpoint_every=every,
+                                                                              steps=steps))
+
+    key = stage_key(cfg(0), {"records": "r"})
+    assert stage_key(cfg(50), {"records": "r"}) == key
+    assert stage_key(cfg(50, steps=TRAIN.steps + 1), {"records": "r"}) != key  # what the run makes still is
+    load = lambda directory, meta: "loaded"  # noqa: E731
+    d = artifacts.artifact_dir("r", "s", "a")
+    calls, checkpoints = [], []
+
+    def build(record, checkpoint):
+        checkpoints.append(checkpoint)
+        return _builder(d, calls)(record, checkpoint)
+
+    build_or_reuse(d, cfg(0), {"records": "r"}, build=build, load=load, label="s/a")
+    assert build_or_reuse(d, cfg(50), {"records": "r"}, build=build, load=load, label="s/a").status == "reused"
+    shutil.rmtree(d)  # as if the first run had been killed: the second trains into the same checkpoint directory
+    build_or_reuse(d, cfg(50), {"records": "r"}, build=build, load=load, label="s/a")
+    assert len(calls) == 2 and checkpoints[0] == checkpoints[1] and checkpoints[0].name == f".a-{key}.ckpt"
 
 
 # ---------------------------------------------------------------------------- the rule itself

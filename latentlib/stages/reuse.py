@@ -13,6 +13,11 @@ Because an artifact's key includes its inputs' keys, changing a parameter of an 
 changes every later stage's key, so nothing downstream is silently reused. Training
 checkpoints carry the key in their directory name (``.<name>-<key>.ckpt``), so an
 interrupted run resumes only into the same configuration.
+
+Settings that change how a run is carried out but not what it makes (:data:`NOT_IN_KEY`:
+how often it checkpoints) are left out of the key, so that a run interrupted without
+periodic checkpoints can be restarted with them, and a finished artifact is reused
+whatever they were.
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ from typing import Any, Generic, TypeVar
 
 from latentlib import artifacts, distributed
 
-__all__ = ["Built", "stage_key", "identity", "input_identity", "build_or_reuse", "jsonable"]
+__all__ = ["Built", "stage_key", "identity", "input_identity", "build_or_reuse", "jsonable", "NOT_IN_KEY"]
+
+# configuration fields (at any depth) that do not change a stage's result, with the value
+# the key takes for them (the default, so that keys written before a field was set are unchanged)
+NOT_IN_KEY = {"checkpoint_every": 0}
 
 T = TypeVar("T")
 
@@ -48,9 +57,19 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(_plain(obj), sort_keys=True, default=str))
 
 
+def _keyed(tree: Any) -> Any:
+    """A JSON configuration with the fields of :data:`NOT_IN_KEY` set to their key value."""
+    if isinstance(tree, dict):
+        return {k: NOT_IN_KEY[k] if k in NOT_IN_KEY else _keyed(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_keyed(v) for v in tree]
+    return tree
+
+
 def stage_key(config: Any, inputs: Mapping[str, str]) -> str:
-    """The hash of a stage's configuration and its inputs' identities."""
-    payload = json.dumps({"config": jsonable(config), "inputs": dict(sorted(inputs.items()))}, sort_keys=True)
+    """The hash of a stage's configuration (without :data:`NOT_IN_KEY`) and its inputs' identities."""
+    payload = json.dumps({"config": _keyed(jsonable(config)), "inputs": dict(sorted(inputs.items()))},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -137,5 +156,5 @@ def _decide(directory: Path, key: str, record: dict) -> tuple[str, list[str]]:
     meta = artifacts.read_meta(directory)
     if meta.get("key") == key:
         return "reused", []
-    old = {"config": meta.get("stage_config"), "inputs": meta.get("inputs")}
-    return "retrained", _changes(old, {"config": record["stage_config"], "inputs": record["inputs"]})
+    old = {"config": _keyed(meta.get("stage_config")), "inputs": meta.get("inputs")}
+    return "retrained", _changes(old, {"config": _keyed(record["stage_config"]), "inputs": record["inputs"]})

@@ -68,7 +68,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     history: list[dict] = field(default_factory=list)  # one row per log_every steps
-    seconds: float = 0.0  # wall time of this call (resumed runs: the resumed part)
+    seconds: float = 0.0  # training wall time, a resumed run's included (the checkpoint records it)
     steps: int = 0  # optimizer steps done in total
     resumed_from: int | None = None  # step of the checkpoint resumed from
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)  # to continue with (curriculum)
@@ -166,10 +166,12 @@ def _optimizer_tree(opt, names: dict[int, str]) -> dict:
 
 
 def _save_checkpoint(ckpt: Path, par: Parallel, modules: dict[str, nn.Module], sched, step: int, history,
-                     meta) -> None:
+                     meta, *, running: dict[str, float], seconds: float) -> None:
     """Only what is trained (every parameter with ``requires_grad``, whole, by name), the
     optimizer's state by parameter name, the scheduler, the RNG and the step; gathered
-    from every process, written by the main process (the others wait)."""
+    from every process, written by the main process (the others wait). ``progress.json``
+    also keeps the sums of the history row being accumulated (a checkpoint between two
+    rows resumes into the same row) and the training time so far."""
     named = trainable_named(modules)
     weights: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in modules}
     for name, p in named:
@@ -186,7 +188,8 @@ def _save_checkpoint(ckpt: Path, par: Parallel, modules: dict[str, nn.Module], s
             artifacts.save_tree(opt_tree, tmp, "optimizer")
             artifacts.save_tree(sched.state_dict(), tmp, "scheduler")
             artifacts.save_tree(artifacts.rng_state(), tmp, "rng")
-            artifacts.save_json({"step": step, "history": history}, tmp / "progress.json")
+            artifacts.save_json({"step": step, "history": history, "running": running, "seconds": seconds},
+                                tmp / "progress.json")
             artifacts.write_complete(tmp, {"kind": "training checkpoint", "step": step, "processes": _par_world(par),
                                            "parallel": par.kind, **meta})
 
@@ -237,7 +240,9 @@ def _load_optimizer(ckpt: Path, opt, modules: dict[str, nn.Module]) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _load_checkpoint(ckpt: Path, par: Parallel, modules: dict[str, nn.Module], sched, desc: str) -> tuple[int, list]:
+def _load_checkpoint(ckpt: Path, par: Parallel, modules: dict[str, nn.Module], sched, desc: str) -> dict:
+    """The checkpoint's ``progress.json`` (step, history, the open row's sums, seconds),
+    after loading its weights, optimizer, scheduler and RNG."""
     meta = artifacts.read_meta(ckpt)
     error = None
     try:  # every process reads the checkpoint: a process that cannot stops every process
@@ -257,7 +262,7 @@ def _load_checkpoint(ckpt: Path, par: Parallel, modules: dict[str, nn.Module], s
               f"{_par_world(par)}: the weights and optimizer state are whole in the checkpoint and re-sharded, and the "
               "global batches are the same, so the run continues as it would have, up to float rounding (bitwise "
               "only with the same number of processes)", flush=True)
-    return progress["step"], progress["history"]
+    return progress
 
 
 def _check_same_weights(modules: dict[str, nn.Module]) -> None:
@@ -320,10 +325,13 @@ def train(model: nn.Module, examples: Sequence, make_batch: Callable[[list], dic
     device = par.accelerator.device
 
     result = TrainResult(optimizer=opt)
-    start = 0
+    start, before = 0, 0.0  # the step and the training seconds a checkpoint already holds
+    running: dict[str, float] = {}  # metric sums since the last history row
     ckpt = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir is not None else None
     if ckpt is not None and artifacts.is_complete(ckpt):
-        start, result.history = _load_checkpoint(ckpt, par, modules, sched, desc)
+        saved = _load_checkpoint(ckpt, par, modules, sched, desc)
+        start, result.history = saved["step"], saved["history"]
+        running, before = dict(saved.get("running", {})), float(saved.get("seconds", 0.0))
         result.resumed_from = start
     elif cfg.seed is not None:
         torch.manual_seed(cfg.seed)
@@ -332,7 +340,6 @@ def train(model: nn.Module, examples: Sequence, make_batch: Callable[[list], dic
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or not distributed.is_main(),
                dynamic_ncols=True)
     last_good = start if result.resumed_from is not None else None
-    running: dict[str, float] = {}
     mine = local_positions(cfg.batch_size)
     for step in range(start, end):
         idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
@@ -377,10 +384,11 @@ def train(model: nn.Module, examples: Sequence, make_batch: Callable[[list], dic
             if on_log is not None:
                 on_log(row)
         if ckpt is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps):
-            _save_checkpoint(ckpt, par, modules, sched, done, result.history, meta)
+            _save_checkpoint(ckpt, par, modules, sched, done, result.history, meta, running=running,
+                             seconds=before + time.perf_counter() - t0)
             last_good = done
     bar.close()
-    result.seconds = time.perf_counter() - t0
+    result.seconds = before + time.perf_counter() - t0
     result.steps = end
     for m in modules.values():
         m.eval()
