@@ -39,7 +39,7 @@ __all__ = ["runs_root", "stage_dir", "artifact_dir", "MissingArtifactError", "Co
            "atomic_dir", "write_complete", "is_complete", "require_artifact", "save_tree", "load_tree",
            "save_json", "load_json", "versions", "rng_state", "set_rng_state", "save_state_dict",
            "load_state_dict_file", "save_model", "load_model_dir", "read_meta", "pretrained_state", "write_pretrained",
-           "is_peft", "peft_quiet", "no_load_bar"]
+           "is_peft", "peft_quiet", "no_hf_bar"]
 
 COMPLETE = "COMPLETE"
 
@@ -57,11 +57,12 @@ def peft_quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def no_load_bar() -> Iterator[None]:
-    """Hides transformers' "Loading weights" bar while a run's own saved model is read back
-    from local disk: that takes well under a second, and a notebook reloads its artifacts
-    many times, each bar a line of stderr in the rendered report. Loading a preset's
-    pretrained weights keeps its bar (:mod:`latentlib.hub`), since that can take minutes."""
+def no_hf_bar() -> Iterator[None]:
+    """Hides transformers' "Loading weights" and "Writing model shards" bars while a run's
+    own model is read back from or saved to local disk: that takes well under a second,
+    and a notebook saves and reloads its artifacts many times, each bar a line of stderr in
+    the rendered report. Loading a preset's pretrained weights keeps its bar
+    (:mod:`latentlib.hub`), since that can take minutes."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
@@ -337,10 +338,11 @@ def write_pretrained(model, directory: Path, state: dict[str, torch.Tensor]) -> 
     """``model.save_pretrained`` of ``state`` (from :func:`pretrained_state`): the
     Hugging Face layout, or PEFT's adapter layout (``adapter_config.json`` +
     ``adapter_model.safetensors``) holding only what was trained."""
-    if is_peft(model):
-        model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False, state_dict=state)
-    else:
-        model.save_pretrained(directory, state_dict=state)
+    with no_hf_bar():
+        if is_peft(model):
+            model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False, state_dict=state)
+        else:
+            model.save_pretrained(directory, state_dict=state)
 
 
 def save_model(model, tokenizer, directory: Path, meta: dict) -> None:
@@ -384,7 +386,7 @@ def load_model_dir(directory: Path, base=None):
             with peft_quiet():
                 model = PeftModel.from_pretrained(base_model, directory).merge_and_unload()
         else:
-            with no_load_bar():
+            with no_hf_bar():
                 model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - reported by check_all_ranks
         error = e

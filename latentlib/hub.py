@@ -192,11 +192,11 @@ def _load_model_and_tokenizer(
     # Without adapter_kwargs, a cache-only load would still try the network
     # (about 25 s of retries when the hub is unreachable).
     adapter_kwargs = {"local_files_only": local_files_only, "cache_dir": load_options.get("cache_dir")}
-    from latentlib.artifacts import no_load_bar
+    from latentlib.artifacts import no_hf_bar
 
     # the first load of a model in a process shows transformers' "Loading weights" bar (a large
     # model takes minutes); a notebook loads the same one again for each method, in a moment
-    quiet = no_load_bar() if source in _LOADED else contextlib.nullcontext()
+    quiet = no_hf_bar() if source in _LOADED else contextlib.nullcontext()
     with quiet:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, local_files_only=local_files_only, adapter_kwargs=adapter_kwargs, **load_options

@@ -255,16 +255,19 @@ def test_load_coconut_refuses_a_plain_model_directory(tiny, tmp_path):
         load_coconut(tmp_path / "plain")
 
 
-def test_reading_a_saved_model_back_draws_no_loading_bar(tiny, tmp_path, capsys):
-    """A run's own model read back from disk takes well under a second and a notebook does it
-    many times: transformers' "Loading weights" bar is hidden there (and only there)."""
+def test_saving_a_model_and_reading_it_back_draw_no_bar(tiny, tmp_path, capsys):
+    """A run's own model saved to or read back from disk takes well under a second and a
+    notebook does it many times: transformers' "Writing model shards" and "Loading weights"
+    bars are hidden there (and only there)."""
     from transformers.utils import logging as hf_logging
 
     from latentlib import artifacts
 
     model, tok, _ = tiny
-    artifacts.save_model(model, tok, tmp_path / "plain", {"seed": 0})
     capsys.readouterr()
+    artifacts.save_model(model, tok, tmp_path / "plain", {"seed": 0})
+    assert "Writing model shards" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
     loaded, _ = artifacts.load_model_dir(tmp_path / "plain")
     assert "Loading weights" not in capsys.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # turned back on for every other load

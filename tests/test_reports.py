@@ -102,6 +102,7 @@ def test_reports_are_small_and_show_progress_bars_as_single_lines(smoke_report):
         assert not [b for b in bars if re.search(r"(?<!\d)0%\|", b)], f"{stage}: unfinished bars {bars[:3]}"
         # the tiny model is built, not loaded; its saved artifacts are read back without a bar
         assert "Loading weights" not in text, f"{stage}: a bar for reading a run's own model back"
+        assert "Writing model shards" not in text, f"{stage}: a bar for saving a run's own model"
         assert not re.search(r"<(script|link)[^>]+(src|href)=[\"']https?://", page), f"{stage}: loads from the network"
         assert sizes[stage]["without_figures"] <= MAX_TEXT_BYTES, f"{stage}: {sizes[stage]} > {MAX_TEXT_BYTES}"
         assert sizes[stage]["total"] <= MAX_HTML_BYTES, f"{stage}: {sizes[stage]} > {MAX_HTML_BYTES}"

@@ -123,12 +123,12 @@ def load_qthink(directory: Path, *, base_model=None):
         if base_model is None or isinstance(base_model, (str, Path)):
             source = base_model or json.loads((directory / "adapter_config.json").read_text())[
                 "base_model_name_or_path"]
-            with artifacts.no_load_bar():
+            with artifacts.no_hf_bar():
                 base_model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
         with artifacts.peft_quiet():
             model = PeftModel.from_pretrained(base_model, directory)
     else:
-        with artifacts.no_load_bar():
+        with artifacts.no_hf_bar():
             model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
     model.eval()
     projection = None

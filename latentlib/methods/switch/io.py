@@ -65,7 +65,7 @@ def load_switch_adapter(base_model_or_preset, adapter_dir, *, is_trainable: bool
     if isinstance(base_model_or_preset, nn.Module):
         base = base_model_or_preset
     elif Path(str(base_model_or_preset)).is_dir():
-        with artifacts.no_load_bar():
+        with artifacts.no_hf_bar():
             base = AutoModelForCausalLM.from_pretrained(base_model_or_preset, use_safetensors=True)
     else:
         preset = get_preset(str(base_model_or_preset))
