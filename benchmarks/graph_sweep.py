@@ -281,7 +281,13 @@ def training_minutes(point: dict) -> str:
 
 
 def coconut_steps(point: dict) -> int:
-    return point["budget"]["steps_per_stage"] * (point["max_path"] - 1) + point["budget"]["final_stage_steps"]
+    """The optimizer steps of a point's curriculum, from its recorded budget (the result
+    file holds no configuration): the curriculum :func:`point_configs` builds."""
+    from latentlib.training.curriculum import CurriculumConfig
+
+    b = point["budget"]
+    return CurriculumConfig(end_stage=point["max_path"], steps_per_stage=b["steps_per_stage"],
+                            final_stage_steps=b["final_stage_steps"]).total_steps
 
 
 def sweep_order(point: dict) -> tuple:
