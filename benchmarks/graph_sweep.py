@@ -80,16 +80,14 @@ def point_configs(args):
         model=args.model, task=task, c_thought=args.c_thought, max_latent_stage=args.max_path,
         steps_per_stage=args.steps_per_stage,
         final_stage_steps=args.final_stage_steps, batch_size=args.batch_size, lr=args.lr,
-        uniform_prob=args.uniform_prob, seed=args.seed, second_c=0)
+        uniform_prob=args.uniform_prob, seed=args.seed, second_c=0, checkpoint_every=args.checkpoint_every)
     # the control the gain needs: the CoT base trained on for the curriculum's own steps and schedule,
     # writing every step (method "cot"), so that Coconut is not compared with a shorter-trained CoT
     # (c and the stage mixing change nothing it trains, as it writes every step at every stage: they are
     # fixed, so that points differing only in them share one control)
     fixed = replace(coconut_cfg, c_thought=1, uniform_prob=stages.CoconutStageConfig.uniform_prob)
     control_cfg = fixed.run("plain", coconut=fixed.coconut("plain", method="cot"), eval_stages="last")
-    coconut_run, control_cfg = (replace(c, curriculum=replace(c.curriculum, train=replace(
-        c.curriculum.train, checkpoint_every=args.checkpoint_every))) for c in (coconut_cfg.run("plain"), control_cfg))
-    return name, task, base_cfg, coconut_run, control_cfg
+    return name, task, base_cfg, coconut_cfg.run("plain"), control_cfg
 
 
 def point_budget(args) -> dict:

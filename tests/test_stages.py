@@ -136,6 +136,40 @@ def test_checkpointing_more_often_reuses_the_artifact_and_resumes_its_checkpoint
     assert len(calls) == 2 and checkpoints[0] == checkpoints[1] and checkpoints[0].name == f".a-{key}.ckpt"
 
 
+# Every training run of each notebook's stages, as the stage builds it from the notebook's parameters.
+TRAINED = {
+    "00_teacher_extraction": lambda p: [stages.BaseModelsConfig.from_params(p).train],
+    "01_sft": lambda p: [stages.QThinkConfig.from_params(p).distill.train, stages.Phase1Config.from_params(p).train],
+    "02_curriculum": lambda p: [*(c.curriculum.train for c in (stages.CoconutStageConfig.from_params(p).run("plain"),
+                                                              stages.CoconutStageConfig.from_params(p).bracketed())),
+                                stages.CoconutStageConfig.from_params(p).curriculum(steps=2, final=3).train,
+                                stages.Phase2Config.from_params(p).curriculum.train],
+    "03_grpo": lambda p: [stages.Phase3Config.from_params(p).grpo.train_config()],
+    "04_evaluation": lambda p: [stages.LightConfig.from_params(p).train_config()],
+}
+
+
+@pytest.mark.parametrize("notebook", list(TRAINED))
+def test_the_checkpoint_every_parameter_reaches_every_training_run_and_no_key(notebook):
+    from latentlib.notebook import notebook_path
+    from latentlib.project import notebook_parameters
+
+    params = notebook_parameters(notebook_path(notebook))
+    assert params["checkpoint_every"] == 0  # the default: a checkpoint at the end of each run or stage
+    trained = TRAINED[notebook]({**params, "checkpoint_every": 7})
+    assert [t.checkpoint_every for t in trained] == [7] * len(trained)
+    assert [stage_key(t, {}) for t in trained] == [stage_key(t, {}) for t in TRAINED[notebook](params)]
+
+
+def test_a_field_left_out_of_the_key_keeps_the_keys_written_before_it_existed():
+    grpo = SwitchGRPOConfig(num_generations=2, generation_batch_size=4)
+    old = {k: v for k, v in dataclasses.asdict(grpo).items() if k != "save_steps"}  # as written before save_steps
+    assert stage_key(grpo, {}) == stage_key(old, {}) == stage_key(dataclasses.replace(grpo, save_steps=5), {})
+    assert dataclasses.replace(grpo, save_steps=5).train_config().checkpoint_every == 5
+    with pytest.raises(ValueError, match="save_steps=-1 must be >= 0"):
+        SwitchGRPOConfig(save_steps=-1)
+
+
 # ---------------------------------------------------------------------------- the rule itself
 
 

@@ -2,6 +2,7 @@
 and the same artifacts the notebooks make (so each reuses what the other made)."""
 
 import pytest
+import torch
 
 from latentlib import stages
 from latentlib.train import STAGES, main, stage_parameters
@@ -48,3 +49,43 @@ def test_the_command_makes_what_the_stage_function_reuses(tmp_path, monkeypatch,
     params = stage_parameters("base", "params/tiny.yaml", {"base_steps": "3", "n_train": "600", "n_test": "8"})
     reused = stages.base_models("cli", stages.BaseModelsConfig.from_params(params), progress=False)
     assert {m.status for m in reused.values()} == {"reused"}
+
+
+def test_a_killed_stage_resumes_from_the_checkpoint_its_checkpoint_every_parameter_wrote(tmp_path, monkeypatch):
+    """``-p checkpoint_every`` reaches the training loop through the notebook's parameters; run
+    again after a crash, the stage trains only the steps after the last checkpoint and ends
+    with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from latentlib.methods import cot
+
+    monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LATENTLIB_REPORTS", str(tmp_path / "reports"))
+    calls, crash = [], {"at": None}
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash["at"]:
+            raise RuntimeError("the machine went away")
+        return real(*args, **kwargs)
+
+    real = cot.lm_loss
+    monkeypatch.setattr(cot, "lm_loss", loss)
+    argv = ["base", "--params", "params/tiny.yaml", "-p", "base_steps", "6", "-p", "base_kinds", "cot",
+            "-p", "batch_size", "8", "-p", "n_train", "600", "-p", "n_test", "8", "-p", "checkpoint_every", "2"]
+    assert main([*argv, "--run", "straight"]) == 0
+    assert len(calls) == 6  # one loss per optimizer step
+
+    calls.clear()
+    crash["at"] = 5  # in step 5: steps 2 and 4 are checkpointed
+    with pytest.raises(RuntimeError, match="went away"):
+        main([*argv, "--run", "crashed"])
+    base = tmp_path / "runs" / "crashed" / "base"
+    assert not (base / "cot").exists() and len(list(base.glob(".cot-*.ckpt"))) == 1
+    calls.clear()
+    crash["at"] = None
+    assert main([*argv, "--run", "crashed"]) == 0
+    assert len(calls) == 2  # steps 5 and 6 only
+    assert not list(base.glob(".cot-*.ckpt"))  # the artifact holds the weights now
+    a, b = (load_file(tmp_path / "runs" / r / "base" / "cot" / "model.safetensors") for r in ("straight", "crashed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

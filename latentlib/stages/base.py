@@ -104,10 +104,12 @@ class BaseModelsConfig:
 
     @classmethod
     def from_params(cls, p: Mapping) -> BaseModelsConfig:
-        """Notebook 00's parameters: ``base_steps``, ``batch_size``, ``lr``, ``seed``, ``base_kinds``, the task's."""
+        """Notebook 00's parameters: ``base_steps``, ``batch_size``, ``lr``, ``seed``, ``base_kinds``,
+        ``checkpoint_every``, the task's."""
         steps = int(p["base_steps"])
         train = TrainConfig(steps=steps, batch_size=int(p["batch_size"]), lr=float(p["lr"]),
-                            warmup_steps=min(100, steps // 5), seed=int(p["seed"]), log_every=max(1, steps // 30))
+                            warmup_steps=min(100, steps // 5), seed=int(p["seed"]), log_every=max(1, steps // 30),
+                            checkpoint_every=int(p.get("checkpoint_every", 0)))
         kinds = tuple(k.strip() for k in str(p.get("base_kinds", ",".join(cls.kinds))).split(",") if k.strip())
         return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task), train=train,
                    seed=int(p["seed"]), kinds=kinds)

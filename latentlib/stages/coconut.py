@@ -82,6 +82,7 @@ class CoconutStageConfig:
     second_c: int = 2  # a second c for the accuracy-vs-thoughts figure (0: none)
     variant_steps_per_stage: int = 20  # optimizer steps per stage of each variant (stages 1..max-1)
     variant_final_steps: int = 60  # optimizer steps of each variant's last stage
+    checkpoint_every: int = 0  # optimizer steps between checkpoints within a curriculum stage (0: at its end only)
 
     def __post_init__(self):
         for name in ("formats", "baselines"):
@@ -104,7 +105,7 @@ class CoconutStageConfig:
                    seed=int(p["seed"]), bracketed_steps=int(p["bracketed_steps"]),
                    formats=p.get("formats", cls.formats), baselines=p["baselines"],
                    second_c=int(p["second_c"]), variant_steps_per_stage=int(p["variant_steps_per_stage"]),
-                   variant_final_steps=int(p["variant_final_steps"]))
+                   variant_final_steps=int(p["variant_final_steps"]), checkpoint_every=int(p.get("checkpoint_every", 0)))
 
     def coconut(self, fmt: str, **overrides) -> CoconutConfig:
         """The run's Coconut configuration in format ``fmt``; ``overrides`` win over the stage's
@@ -117,7 +118,8 @@ class CoconutStageConfig:
                                 if steps is None else steps,
                                 final_stage_steps=self.final_stage_steps if final is None else final,
                                 train=TrainConfig(steps=0, batch_size=self.batch_size, lr=self.lr, warmup_steps=10,
-                                                  seed=self.seed, log_every=10))
+                                                  seed=self.seed, log_every=10,
+                                                  checkpoint_every=self.checkpoint_every))
 
     def run(self, fmt: str, coconut: CoconutConfig | None = None, curriculum: CurriculumConfig | None = None,
             eval_stages: str = "all", base: str | None = None) -> CoconutRunConfig:
@@ -136,7 +138,8 @@ class CoconutStageConfig:
             curriculum=CurriculumConfig(start_stage=self.max_latent_stage, end_stage=self.max_latent_stage,
                                         final_stage_steps=self.bracketed_steps,
                                         train=TrainConfig(steps=0, batch_size=self.batch_size, lr=3e-3,
-                                                          warmup_steps=100, seed=self.seed, log_every=20)),
+                                                          warmup_steps=100, seed=self.seed, log_every=20,
+                                                          checkpoint_every=self.checkpoint_every)),
             base="scratch", eval_stages="none")
 
 

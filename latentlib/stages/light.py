@@ -76,6 +76,7 @@ class LightConfig:
     planning_long_steps: int = 0  # > 0: also train planning tokens with this budget (a row "planning tokens (N steps)")
     eval_batch: int = 250  # evaluation batch
     max_new_tokens: int = 24  # generation budget (CoT with planning tokens writes 14 tokens + eos)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints of each trained row (0: only the final one)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -90,13 +91,14 @@ class LightConfig:
 
     @classmethod
     def from_params(cls, p) -> LightConfig:
-        """Notebook 04's parameters (``seed`` and the task's); the rest are the defaults."""
-        return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task), seed=int(p["seed"]))
+        """Notebook 04's parameters (``seed``, ``checkpoint_every`` and the task's); the rest are the defaults."""
+        return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task), seed=int(p["seed"]),
+                   checkpoint_every=int(p.get("checkpoint_every", 0)))
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                            warmup_steps=min(self.warmup_steps, self.steps // 5), seed=self.seed,
-                           log_every=max(1, self.steps // 30))
+                           log_every=max(1, self.steps // 30), checkpoint_every=self.checkpoint_every)
 
 
 @dataclass

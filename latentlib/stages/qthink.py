@@ -59,7 +59,8 @@ class QThinkConfig:
         """Notebook 01's ``qthink_*``, ``distill_*``, ``num_latent`` and LoRA parameters."""
         steps = int(p["qthink_steps"])
         train = TrainConfig(steps=steps, batch_size=int(p["qthink_batch_size"]), lr=float(p["qthink_lr"]),
-                            warmup_steps=max(1, steps // 10), seed=int(p["seed"]), log_every=max(1, steps // 30))
+                            warmup_steps=max(1, steps // 10), seed=int(p["seed"]), log_every=max(1, steps // 30),
+                            checkpoint_every=int(p.get("checkpoint_every", 0)))
         preset = get_preset(p["model"])
         distill = DistillConfig(num_latent=int(p["num_latent"]), gamma=float(p["distill_gamma"]),
                                 distance=str(p["distill_distance"]), use_lora=bool(p["use_lora"]),

@@ -17,7 +17,8 @@ interrupted run resumes only into the same configuration.
 Settings that change how a run is carried out but not what it makes (:data:`NOT_IN_KEY`:
 how often it checkpoints) are left out of the key, so that a run interrupted without
 periodic checkpoints can be restarted with them, and a finished artifact is reused
-whatever they were.
+whatever they were. Such a field that a configuration gained after keys had been written
+is dropped from the key altogether, so that those keys stay what they were.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from latentlib import artifacts, distributed
 
 __all__ = ["Built", "stage_key", "identity", "input_identity", "build_or_reuse", "jsonable", "NOT_IN_KEY"]
 
-# configuration fields (at any depth) that do not change a stage's result, with the value
-# the key takes for them (the default, so that keys written before a field was set are unchanged)
-NOT_IN_KEY = {"checkpoint_every": 0}
+# configuration fields (at any depth) that do not change a stage's result, with the value the
+# key takes for them: the default, so that keys written before a field was set are unchanged,
+# or None, leaving the field out (one added to its configuration after keys had been written)
+NOT_IN_KEY = {"checkpoint_every": 0, "save_steps": None}
 
 T = TypeVar("T")
 
@@ -58,9 +60,10 @@ def jsonable(obj: Any) -> Any:
 
 
 def _keyed(tree: Any) -> Any:
-    """A JSON configuration with the fields of :data:`NOT_IN_KEY` set to their key value."""
+    """A JSON configuration with the fields of :data:`NOT_IN_KEY` set to their key value (or left out)."""
     if isinstance(tree, dict):
-        return {k: NOT_IN_KEY[k] if k in NOT_IN_KEY else _keyed(v) for k, v in tree.items()}
+        return {k: NOT_IN_KEY[k] if k in NOT_IN_KEY else _keyed(v) for k, v in tree.items()
+                if not (k in NOT_IN_KEY and NOT_IN_KEY[k] is None)}
     if isinstance(tree, list):
         return [_keyed(v) for v in tree]
     return tree

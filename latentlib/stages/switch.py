@@ -62,7 +62,8 @@ class Phase1Config:
         positions = sw.default_positions(preset) if p["switch_positions"] == "auto" else str(p["switch_positions"])
         steps = int(p["switch_sft_steps"])
         train = TrainConfig(steps=steps, batch_size=int(p["switch_batch_size"]), lr=float(p["switch_sft_lr"]),
-                            warmup_steps=min(20, steps // 5), seed=int(p["seed"]), log_every=max(1, steps // 30))
+                            warmup_steps=min(20, steps // 5), seed=int(p["seed"]), log_every=max(1, steps // 30),
+                            checkpoint_every=int(p.get("checkpoint_every", 0)))
         return cls(model=p["model"], task=task, rule=rule, switch=SwitchConfig(positions=positions), train=train)
 
 
@@ -85,7 +86,8 @@ class Phase2Config:
             start_stage=1, end_stage=int(p["switch_stages"]), steps_per_stage=per_stage,
             final_stage_steps=int(p["switch_final_steps"]),
             train=TrainConfig(steps=0, batch_size=int(p["switch_batch_size"]), lr=float(p["switch_lr"]),
-                              warmup_steps=10, seed=int(p["seed"]), log_every=max(1, per_stage // 10)))
+                              warmup_steps=10, seed=int(p["seed"]), log_every=max(1, per_stage // 10),
+                              checkpoint_every=int(p.get("checkpoint_every", 0))))
         return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task),
                    c_thought=int(p["switch_c"]), k_min=int(p["switch_k_min"]), k_max=int(p["switch_k_max"]),
                    latent_cap=int(p["switch_latent_cap"]), curriculum=curriculum)
@@ -112,7 +114,7 @@ class Phase3Config:
             temperature=float(p["temperature"]), max_completion_length=int(p["max_completion_length"]),
             reward_weights=(float(p["reward_correctness"]), float(p["reward_format"]),
                             float(p["reward_latent_usage"])),
-            logging_steps=int(p["logging_steps"]), seed=int(p["seed"]))
+            logging_steps=int(p["logging_steps"]), seed=int(p["seed"]), save_steps=int(p.get("checkpoint_every", 0)))
         return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task), grpo=grpo)
 
 

@@ -103,6 +103,7 @@ class SwitchGRPOConfig:
     logging_steps: int = 5  # steps per history row
     grade_mode: str | None = None  # answer grading of the correctness reward (None: the task format's)
     seed: int = 0  # data order and rollout seeds
+    save_steps: int = 0  # optimizer steps between checkpoints (TRL's name; 0: only the final one)
 
     def __post_init__(self):
         if isinstance(self.reward_weights, list):
@@ -131,6 +132,7 @@ class SwitchGRPOConfig:
              f"lr_scheduler_type={self.lr_scheduler_type!r}: use 'linear', 'cosine' or 'constant'"),
             (self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables)"),
             (self.logging_steps >= 1, f"logging_steps={self.logging_steps} must be >= 1"),
+            (self.save_steps >= 0, f"save_steps={self.save_steps} must be >= 0 (0: only the final checkpoint)"),
             (self.grade_mode in (None, "strict", "flexible", "math", "exact"),
              f"grade_mode={self.grade_mode!r}: use 'strict', 'flexible', 'math', 'exact' or None (the task's)"),
         ]
@@ -147,7 +149,7 @@ class SwitchGRPOConfig:
         return TrainConfig(steps=self.max_steps, batch_size=self.prompts_per_step, lr=self.learning_rate,
                            weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
                            schedule=self.lr_scheduler_type, grad_clip=self.max_grad_norm, seed=self.seed,
-                           log_every=self.logging_steps)
+                           log_every=self.logging_steps, checkpoint_every=self.save_steps)
 
 
 # ---------------------------------------------------------------------------- rewards
