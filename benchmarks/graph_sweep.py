@@ -17,8 +17,9 @@ from a gain of the extra training.
 
 Each point is one process and one run directory (``runs/sweep-<model>-n<nodes>-p<min>-<max>``),
 so points run side by side, and a point run again reuses what it trained (the reuse rule).
-``--only cot|nocot|control`` trains one part of a point and stops, so that one point's parts
-can use both cores; the point run without it then reuses them. Training checkpoints every
+``--only cot|nocot|coconut|control`` trains one part of a point and stops, so that one point's
+parts can use both cores (Coconut and the control as soon as the CoT base is complete); the
+point run without it then reuses them. Training checkpoints every
 ``--checkpoint-every`` steps (200): a part interrupted (a killed process, a session that ends)
 and run again with the same arguments resumes from its last checkpoint and ends with the
 weights and history of an uninterrupted run, its recorded training time included.
@@ -113,17 +114,18 @@ def point_part(name: str, part: str, base_cfg, coconut_run, control_cfg):
 def run_part(args) -> None:
     """Trains one part of a point (``--only``) and stops: a point's parts can then run on
     separate cores, and ``point`` without ``--only`` reuses them (same configurations, so the
-    same keys) for its result. The control needs the CoT base to be complete."""
+    same keys) for its result. Coconut and the control start from the CoT base, which must be
+    complete: each can start as soon as it is, while the no-CoT base is still training."""
     from latentlib import artifacts
 
     set_threads(args.threads)
     name, _, base_cfg, coconut_run, control_cfg = point_configs(args)
-    if args.only == "control" and not artifacts.is_complete(artifacts.artifact_dir(name, "base", "cot")):
-        raise SystemExit(f"{name}: the control starts from the CoT base, which is not trained yet: run the same "
-                         "command with --only cot first (or wait for the process training it)")
+    part = {"control": PARTS[COT_AS_LONG][1], "coconut": PARTS["Coconut"][1]}.get(args.only, args.only)
+    if args.only in ("control", "coconut") and not artifacts.is_complete(artifacts.artifact_dir(name, "base", "cot")):
+        raise SystemExit(f"{name}: the {args.only} run starts from the CoT base, which is not trained yet: run the "
+                         "same command with --only cot first (or wait for the process training it)")
     t0 = time.perf_counter()
-    point_part(name, PARTS[COT_AS_LONG][1] if args.only == "control" else args.only, base_cfg, coconut_run,
-               control_cfg)
+    point_part(name, part, base_cfg, coconut_run, control_cfg)
     print(f"{name}: {args.only} done in {time.perf_counter() - t0:.0f} s")
 
 
@@ -440,7 +442,7 @@ def main(argv=None) -> None:
     pt = sub.add_parser("point", parents=[common], help="train and evaluate one sweep point")
     pt.add_argument("--cot-control", action="store_true",
                     help="also train the CoT base on for the curriculum's steps, writing every step (a control row)")
-    pt.add_argument("--only", choices=("cot", "nocot", "control"),
+    pt.add_argument("--only", choices=("cot", "nocot", "coconut", "control"),
                     help="train only this part of the point and stop (run parts side by side on separate cores; "
                          "the point without --only then reuses them)")
     ho = sub.add_parser("heldout", parents=[common],

@@ -474,20 +474,22 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     args = ["point", "--nodes", "8", "--min-path", "2", "--max-path", "3", "--n-train", "40", "--n-test", "6",
             "--base-steps", "4", "--batch-size", "8", "--steps-per-stage", "2", "--final-stage-steps", "2",
             "--threads", "1", "--cot-control"]
-    with pytest.raises(SystemExit, match="--only cot first"):  # the control needs the CoT base
-        graph_sweep.main([*args, "--only", "control"])
+    for part in ("control", "coconut"):  # both start from the CoT base
+        with pytest.raises(SystemExit, match=f"the {part} run starts from the CoT base.*--only cot first"):
+            graph_sweep.main([*args, "--only", part])
     graph_sweep.main([*args, "--only", "nocot"])
     part = capsys.readouterr().out
     assert "base/nocot: training" in part and "base/cot" not in part
     assert not (tmp_path / "results").exists()  # a part writes no result
     graph_sweep.main([*args, "--only", "cot"])
     graph_sweep.main([*args, "--only", "control"])
-    capsys.readouterr()
+    graph_sweep.main([*args, "--only", "coconut"])
+    part = capsys.readouterr().out
+    assert "curriculum/coconut_plain: training" in part and "coconut done in" in part
     graph_sweep.main(args)
     whole = capsys.readouterr().out
-    for label in ("base/cot", "base/nocot", "curriculum/cot_as_long"):
+    for label in ("base/cot", "base/nocot", "curriculum/cot_as_long", "curriculum/coconut_plain"):
         assert f"{label}: reused" in whole
-    assert "curriculum/coconut_plain: training" in whole
     result = json.loads((tmp_path / "results" / "sweep-tiny-n8-p2-3.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["CoT", "no-CoT", "Coconut", graph_sweep.COT_AS_LONG]
     assert result["rows"][2]["latent_steps"] == 3.0  # one thought per step, padded to the 3 stages
