@@ -14,6 +14,7 @@ from a gain of the extra training.
 
     python -m benchmarks.graph_sweep point --model tiny --nodes 12 --min-path 3 --max-path 5
     python -m benchmarks.graph_sweep report      # the table and figure of every point run so far
+    python -m benchmarks.graph_sweep status      # where each part of every point stands
 
 Each point is one process and one run directory (``runs/sweep-<model>-n<nodes>-p<min>-<max>``),
 so points run side by side, and a point run again reuses what it trained (the reuse rule).
@@ -257,6 +258,40 @@ def run_heldout(args) -> dict:
     return result
 
 
+def part_status(run_dir: Path, stage: str, name: str) -> str:
+    """Where one part of a point stands: complete (its training time), training (the step and
+    the loss of its last checkpoint; a curriculum's stage too) or not started."""
+    from latentlib import artifacts
+
+    done = run_dir / stage / name
+    if artifacts.is_complete(done):
+        return f"complete, {artifacts.read_meta(done).get('seconds', 0.0) / 60:.0f} min of training"
+    found = []
+    for progress in (run_dir / stage).glob(f".{name}-*.ckpt/**/checkpoint/progress.json"):
+        part = progress.parent.parent.name  # "stage<k>" in a curriculum, the .ckpt directory for one run
+        found.append((int(part[5:]) if part.startswith("stage") else 0, json.loads(progress.read_text()), part))
+    if not found:
+        return "not started"
+    k, last, part = max(found, key=lambda f: (f[0], f[1]["step"]))
+    minutes = sum(f[1].get("seconds", 0.0) for f in found) / 60  # a curriculum: each stage's own checkpoint
+    loss = f", loss {last['history'][-1]['loss']:.3f}" if last.get("history") else ""
+    return (f"step {last['step']}{' of curriculum stage ' + str(k) if part.startswith('stage') else ''} "
+            f"checkpointed, {minutes:.0f} min of training so far{loss}")
+
+
+def status() -> None:
+    """Every sweep point's run directory and where each of its parts stands."""
+    from latentlib import artifacts
+
+    runs = sorted(artifacts.runs_root().glob("sweep-*"))
+    if not runs:
+        print(f"no sweep point under {artifacts.runs_root()} yet")
+    for run_dir in runs:
+        print(run_dir.name)
+        for method, (stage, name) in PARTS.items():
+            print(f"  {method}: {part_status(run_dir, stage, name)}")
+
+
 def read_point(path) -> dict:
     point = json.loads(path.read_text())
     point["budget"].setdefault("c_thought", 1)  # points written before --c-thought trained one thought per step
@@ -449,6 +484,8 @@ def main(argv=None) -> None:
                         help="evaluate a finished point's models again on problems of its size it never saw")
     ho.add_argument("--extra", type=int, default=1000, help="how many fresh problems")
     sub.add_parser("report", help="the table and figure of every point run so far")
+    sub.add_parser("status", help="where each part of every point stands (complete, checkpointed at a step, not "
+                                  "started)")
     args = ap.parse_args(argv)
     if args.command == "point" and args.only:
         run_part(args)
@@ -456,6 +493,8 @@ def main(argv=None) -> None:
         run_point(args)
     elif args.command == "heldout":
         run_heldout(args)
+    elif args.command == "status":
+        status()
     else:
         report()
 

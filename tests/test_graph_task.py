@@ -480,6 +480,8 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     graph_sweep.main([*args, "--only", "nocot"])
     part = capsys.readouterr().out
     assert "base/nocot: training" in part and "base/cot" not in part
+    graph_sweep.main(["status"])
+    assert "sweep-tiny-n8-p2-3\n  CoT: not started\n  no-CoT: complete, 0 min of training\n" in capsys.readouterr().out
     assert not (tmp_path / "results").exists()  # a part writes no result
     graph_sweep.main([*args, "--only", "cot"])
     graph_sweep.main([*args, "--only", "control"])
@@ -571,3 +573,24 @@ def test_sweep_table_and_heldouts_follow_size_then_budget(tmp_path, monkeypatch)
     assert [p["point"] for p in points] == [longer["point"], short["point"]]  # the file names' order
     assert graph_sweep.sweep_table(points).coconut_steps.tolist() == [3900, 6400]
     assert [h["point"] for h in graph_sweep.load_heldouts(points)] == [short["point"], longer["point"]]
+
+
+def test_the_sweep_status_reads_where_an_interrupted_part_stands(tmp_path):
+    """A part still training is described by its newest checkpoint: the step and the loss, for
+    a curriculum its stage (the latest, not the first found), and the training time so far (a
+    curriculum's stages checkpoint separately: their times add up)."""
+    from benchmarks import graph_sweep
+
+    def checkpoint(directory, step, seconds, loss):
+        directory.mkdir(parents=True)
+        (directory / "progress.json").write_text(json.dumps(
+            {"step": step, "seconds": seconds, "running": {}, "history": [{"step": step, "loss": loss}]}))
+
+    run = tmp_path / "sweep-x"
+    checkpoint(run / "base" / ".cot-0123.ckpt" / "checkpoint", 400, 600.0, 0.7251)
+    checkpoint(run / "curriculum" / ".coconut_plain-4567.ckpt" / "stage1" / "checkpoint", 600, 500.0, 0.5)
+    checkpoint(run / "curriculum" / ".coconut_plain-4567.ckpt" / "stage2" / "checkpoint", 200, 660.0, 0.25)
+    assert graph_sweep.part_status(run, "base", "cot") == "step 400 checkpointed, 10 min of training so far, loss 0.725"
+    assert graph_sweep.part_status(run, "curriculum", "coconut_plain") == (
+        "step 200 of curriculum stage 2 checkpointed, 19 min of training so far, loss 0.250")
+    assert graph_sweep.part_status(run, "base", "nocot") == "not started"
