@@ -266,17 +266,18 @@ def part_status(run_dir: Path, stage: str, name: str) -> str:
     done = run_dir / stage / name
     if artifacts.is_complete(done):
         return f"complete, {artifacts.read_meta(done).get('seconds', 0.0) / 60:.0f} min of training"
-    found = []
-    for progress in (run_dir / stage).glob(f".{name}-*.ckpt/**/checkpoint/progress.json"):
-        part = progress.parent.parent.name  # "stage<k>" in a curriculum, the .ckpt directory for one run
-        found.append((int(part[5:]) if part.startswith("stage") else 0, json.loads(progress.read_text()), part))
-    if not found:
+    written = sorted((run_dir / stage).glob(f".{name}-*.ckpt/**/checkpoint/progress.json"),
+                     key=lambda f: f.stat().st_mtime)
+    if not written:
         return "not started"
-    k, last, part = max(found, key=lambda f: (f[0], f[1]["step"]))
-    minutes = sum(f[1].get("seconds", 0.0) for f in found) / 60  # a curriculum: each stage's own checkpoint
+    newest = written[-1]  # the run going on (a checkpoint of an older configuration may linger)
+    ckpt = next(d for d in newest.parents if d.name.endswith(".ckpt"))
+    found = [f for f in written if ckpt in f.parents]  # a curriculum: one checkpoint per stage
+    last, part = json.loads(newest.read_text()), newest.parent.parent.name  # "stage<k>" in a curriculum
+    minutes = sum(json.loads(f.read_text()).get("seconds", 0.0) for f in found) / 60
     loss = f", loss {last['history'][-1]['loss']:.3f}" if last.get("history") else ""
-    return (f"step {last['step']}{' of curriculum stage ' + str(k) if part.startswith('stage') else ''} "
-            f"checkpointed, {minutes:.0f} min of training so far{loss}")
+    return (f"step {last['step']}{' of curriculum ' + part.replace('stage', 'stage ') if part.startswith('stage') else ''}"
+            f" checkpointed, {minutes:.0f} min of training so far{loss}")
 
 
 def status() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import os
 import re
 from collections import deque
 from pathlib import Path
@@ -577,19 +578,21 @@ def test_sweep_table_and_heldouts_follow_size_then_budget(tmp_path, monkeypatch)
 
 def test_the_sweep_status_reads_where_an_interrupted_part_stands(tmp_path):
     """A part still training is described by its newest checkpoint: the step and the loss, for
-    a curriculum its stage (the latest, not the first found), and the training time so far (a
-    curriculum's stages checkpoint separately: their times add up)."""
+    a curriculum its stage, and the training time so far (a curriculum's stages checkpoint
+    separately: their times add up). A checkpoint of an older configuration is not the run."""
     from benchmarks import graph_sweep
 
-    def checkpoint(directory, step, seconds, loss):
+    def checkpoint(directory, step, seconds, loss, written):
         directory.mkdir(parents=True)
         (directory / "progress.json").write_text(json.dumps(
             {"step": step, "seconds": seconds, "running": {}, "history": [{"step": step, "loss": loss}]}))
+        os.utime(directory / "progress.json", (written, written))
 
     run = tmp_path / "sweep-x"
-    checkpoint(run / "base" / ".cot-0123.ckpt" / "checkpoint", 400, 600.0, 0.7251)
-    checkpoint(run / "curriculum" / ".coconut_plain-4567.ckpt" / "stage1" / "checkpoint", 600, 500.0, 0.5)
-    checkpoint(run / "curriculum" / ".coconut_plain-4567.ckpt" / "stage2" / "checkpoint", 200, 660.0, 0.25)
+    checkpoint(run / "base" / ".cot-0123.ckpt" / "checkpoint", 400, 600.0, 0.7251, 1000)
+    checkpoint(run / "curriculum" / ".coconut_plain-89ab.ckpt" / "stage4" / "checkpoint", 100, 60.0, 0.9, 1000)  # stale
+    checkpoint(run / "curriculum" / ".coconut_plain-4567.ckpt" / "stage1" / "checkpoint", 600, 500.0, 0.5, 2000)
+    checkpoint(run / "curriculum" / ".coconut_plain-4567.ckpt" / "stage2" / "checkpoint", 200, 660.0, 0.25, 3000)
     assert graph_sweep.part_status(run, "base", "cot") == "step 400 checkpointed, 10 min of training so far, loss 0.725"
     assert graph_sweep.part_status(run, "curriculum", "coconut_plain") == (
         "step 200 of curriculum stage 2 checkpointed, 19 min of training so far, loss 0.250")
