@@ -272,9 +272,9 @@ def part_status(run_dir: Path, stage: str, name: str) -> str:
         return "not started"
     newest = written[-1]  # the run going on (a checkpoint of an older configuration may linger)
     ckpt = next(d for d in newest.parents if d.name.endswith(".ckpt"))
-    found = [f for f in written if ckpt in f.parents]  # a curriculum: one checkpoint per stage
-    last, part = json.loads(newest.read_text()), newest.parent.parent.name  # "stage<k>" in a curriculum
-    minutes = sum(json.loads(f.read_text()).get("seconds", 0.0) for f in found) / 60
+    found = [json.loads(f.read_text()) for f in written if ckpt in f.parents]  # a curriculum: one per stage
+    last, part = found[-1], newest.parent.parent.name  # "stage<k>" in a curriculum
+    minutes = sum(f.get("seconds", 0.0) for f in found) / 60
     loss = f", loss {last['history'][-1]['loss']:.3f}" if last.get("history") else ""
     return (f"step {last['step']}{' of curriculum ' + part.replace('stage', 'stage ') if part.startswith('stage') else ''}"
             f" checkpointed, {minutes:.0f} min of training so far{loss}")

@@ -23,7 +23,7 @@ from latentlib.evaluate import evaluate, record_evaluation
 from latentlib.hub import WeightsUnavailableError
 from latentlib.methods.cot import BaseConfig, base_eval_spec, train_base
 from latentlib.presets import Preset, get_preset, load_model
-from latentlib.stages.reuse import build_or_reuse, identity, stage_key
+from latentlib.stages.reuse import build_or_reuse, checkpoint_every, identity, stage_key
 from latentlib.tasks import Task, TaskConfig, load_task
 from latentlib.tokens import add_special_tokens
 from latentlib.training.lora import lora_for_preset
@@ -109,7 +109,7 @@ class BaseModelsConfig:
         steps = int(p["base_steps"])
         train = TrainConfig(steps=steps, batch_size=int(p["batch_size"]), lr=float(p["lr"]),
                             warmup_steps=min(100, steps // 5), seed=int(p["seed"]), log_every=max(1, steps // 30),
-                            checkpoint_every=int(p.get("checkpoint_every", 0)))
+                            checkpoint_every=checkpoint_every(p))
         kinds = tuple(k.strip() for k in str(p.get("base_kinds", ",".join(cls.kinds))).split(",") if k.strip())
         return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task), train=train,
                    seed=int(p["seed"]), kinds=kinds)

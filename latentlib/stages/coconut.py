@@ -30,7 +30,7 @@ from latentlib.methods.coconut import (CoconutConfig, eval_spec, load_coconut, m
                                        stage_examples, train_coconut, without_curriculum)
 from latentlib.presets import get_preset, load_model
 from latentlib.stages.base import load_trained, task_of
-from latentlib.stages.reuse import build_or_reuse, identity
+from latentlib.stages.reuse import build_or_reuse, checkpoint_every, identity
 from latentlib.tasks import TaskConfig
 from latentlib.tokens import add_special_tokens, token_ids
 from latentlib.training.curriculum import CurriculumConfig
@@ -105,7 +105,7 @@ class CoconutStageConfig:
                    seed=int(p["seed"]), bracketed_steps=int(p["bracketed_steps"]),
                    formats=p.get("formats", cls.formats), baselines=p["baselines"],
                    second_c=int(p["second_c"]), variant_steps_per_stage=int(p["variant_steps_per_stage"]),
-                   variant_final_steps=int(p["variant_final_steps"]), checkpoint_every=int(p.get("checkpoint_every", 0)))
+                   variant_final_steps=int(p["variant_final_steps"]), checkpoint_every=checkpoint_every(p))
 
     def coconut(self, fmt: str, **overrides) -> CoconutConfig:
         """The run's Coconut configuration in format ``fmt``; ``overrides`` win over the stage's

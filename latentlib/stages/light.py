@@ -41,7 +41,7 @@ from latentlib.methods.light.steering import (contrast_directions, first_step_ev
 from latentlib.methods.light.upft import UPFTConfig, bucketed_lm_loss, collate_buckets, train_upft, upft_examples
 from latentlib.presets import get_preset, load_model
 from latentlib.stages.base import BaseModelsConfig, base_model, task_of
-from latentlib.stages.reuse import build_or_reuse
+from latentlib.stages.reuse import build_or_reuse, checkpoint_every
 from latentlib.tasks import Format, TaskConfig
 from latentlib.tokens import add_special_tokens
 from latentlib.training.loop import TrainConfig, batch_indices
@@ -93,7 +93,7 @@ class LightConfig:
     def from_params(cls, p) -> LightConfig:
         """Notebook 04's parameters (``seed``, ``checkpoint_every`` and the task's); the rest are the defaults."""
         return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task), seed=int(p["seed"]),
-                   checkpoint_every=int(p.get("checkpoint_every", 0)))
+                   checkpoint_every=checkpoint_every(p))
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,

@@ -18,7 +18,7 @@ from latentlib.evaluate import EvalSpec, evaluate, record_evaluation, summarize
 from latentlib.methods.qthink import DistillConfig, load_qthink, qthink_spec, save_qthink, train_qthink
 from latentlib.presets import get_preset
 from latentlib.stages.base import base_identity, load_base, task_of
-from latentlib.stages.reuse import build_or_reuse, input_identity
+from latentlib.stages.reuse import build_or_reuse, checkpoint_every, input_identity
 from latentlib.tasks import TaskConfig
 from latentlib.teacher import load_teacher, normalize_layers, parse_layers
 from latentlib.training.loop import TrainConfig
@@ -60,7 +60,7 @@ class QThinkConfig:
         steps = int(p["qthink_steps"])
         train = TrainConfig(steps=steps, batch_size=int(p["qthink_batch_size"]), lr=float(p["qthink_lr"]),
                             warmup_steps=max(1, steps // 10), seed=int(p["seed"]), log_every=max(1, steps // 30),
-                            checkpoint_every=int(p.get("checkpoint_every", 0)))
+                            checkpoint_every=checkpoint_every(p))
         preset = get_preset(p["model"])
         distill = DistillConfig(num_latent=int(p["num_latent"]), gamma=float(p["distill_gamma"]),
                                 distance=str(p["distill_distance"]), use_lora=bool(p["use_lora"]),

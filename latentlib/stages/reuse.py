@@ -33,7 +33,8 @@ from typing import Any, Generic, TypeVar
 
 from latentlib import artifacts, distributed
 
-__all__ = ["Built", "stage_key", "identity", "input_identity", "build_or_reuse", "jsonable", "NOT_IN_KEY"]
+__all__ = ["Built", "stage_key", "identity", "input_identity", "build_or_reuse", "jsonable", "NOT_IN_KEY",
+           "checkpoint_every"]
 
 # configuration fields (at any depth) that do not change a stage's result, with the value the
 # key takes for them: the default, so that keys written before a field was set are unchanged,
@@ -41,6 +42,12 @@ __all__ = ["Built", "stage_key", "identity", "input_identity", "build_or_reuse",
 NOT_IN_KEY = {"checkpoint_every": 0, "save_steps": None}
 
 T = TypeVar("T")
+
+
+def checkpoint_every(params: Mapping) -> int:
+    """The notebooks' ``checkpoint_every`` parameter (optimizer steps between training
+    checkpoints; 0, the default: at the end of each run or curriculum stage only)."""
+    return int(params.get("checkpoint_every", NOT_IN_KEY["checkpoint_every"]))
 
 
 def _plain(obj: Any) -> Any:

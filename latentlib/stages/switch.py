@@ -24,7 +24,7 @@ from latentlib.methods import switch as sw
 from latentlib.methods.switch import Span, SpanRule, SwitchConfig, SwitchGRPOConfig
 from latentlib.presets import Preset, get_preset
 from latentlib.stages.base import base_identity, load_base, pretrained, task_of
-from latentlib.stages.reuse import build_or_reuse, identity
+from latentlib.stages.reuse import build_or_reuse, checkpoint_every, identity
 from latentlib.tasks import Format, TaskConfig
 from latentlib.teacher import load_rollouts
 from latentlib.training.curriculum import CurriculumConfig
@@ -63,7 +63,7 @@ class Phase1Config:
         steps = int(p["switch_sft_steps"])
         train = TrainConfig(steps=steps, batch_size=int(p["switch_batch_size"]), lr=float(p["switch_sft_lr"]),
                             warmup_steps=min(20, steps // 5), seed=int(p["seed"]), log_every=max(1, steps // 30),
-                            checkpoint_every=int(p.get("checkpoint_every", 0)))
+                            checkpoint_every=checkpoint_every(p))
         return cls(model=p["model"], task=task, rule=rule, switch=SwitchConfig(positions=positions), train=train)
 
 
@@ -87,7 +87,7 @@ class Phase2Config:
             final_stage_steps=int(p["switch_final_steps"]),
             train=TrainConfig(steps=0, batch_size=int(p["switch_batch_size"]), lr=float(p["switch_lr"]),
                               warmup_steps=10, seed=int(p["seed"]), log_every=max(1, per_stage // 10),
-                              checkpoint_every=int(p.get("checkpoint_every", 0))))
+                              checkpoint_every=checkpoint_every(p)))
         return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task),
                    c_thought=int(p["switch_c"]), k_min=int(p["switch_k_min"]), k_max=int(p["switch_k_max"]),
                    latent_cap=int(p["switch_latent_cap"]), curriculum=curriculum)
@@ -114,7 +114,7 @@ class Phase3Config:
             temperature=float(p["temperature"]), max_completion_length=int(p["max_completion_length"]),
             reward_weights=(float(p["reward_correctness"]), float(p["reward_format"]),
                             float(p["reward_latent_usage"])),
-            logging_steps=int(p["logging_steps"]), seed=int(p["seed"]), save_steps=int(p.get("checkpoint_every", 0)))
+            logging_steps=int(p["logging_steps"]), seed=int(p["seed"]), save_steps=checkpoint_every(p))
         return cls(model=p["model"], task=TaskConfig.from_params(p, get_preset(p["model"]).task), grpo=grpo)
 
 
