@@ -28,7 +28,9 @@ weights and history of an uninterrupted run, its recorded training time included
 default, none of them in the point's splits): the test split's 200 leave about 3 points of
 standard error on a difference. It also splits accuracy and the paired Coconut - CoT difference
 by the length of the shortest path: the longer it is, the further ahead written CoT's first step
-must look, while each continuous thought can widen the frontier by one edge.
+must look, while each continuous thought can widen the frontier by one edge. And it evaluates
+the models on ``--train-check`` of the point's training problems (1000): how far accuracy there
+exceeds accuracy on fresh problems is how much a model memorised its training set.
 
     python -m benchmarks.graph_sweep heldout --model tiny --nodes 12 ... --extra 1000   # the point's arguments
 
@@ -53,6 +55,7 @@ OUT = RESULTS / "graph_sweep"
 
 COT_AS_LONG = "CoT trained as long"  # the control row (--cot-control)
 BY_LENGTH = "Coconut - CoT by path length"  # a heldout column
+MEMORISED = "training problems - fresh, points (each method, in row order)"  # a heldout column
 
 
 def point_name(model: str, nodes: int, min_path: int, max_path: int, tag: str = "") -> str:
@@ -214,8 +217,9 @@ def run_heldout(args) -> dict:
     t0 = time.perf_counter()
     fresh = fresh_problems(args.model, task, args.extra)
     _, t = task_of(args.model, task)
+    seen = list(t.splits.train[:args.train_check])
     budget = t.answer_budget(True)  # (the sweep's models are from scratch: one token per word)
-    frames = {}
+    frames, on_train = {}, {}
     for method, (stage, part) in present.items():
         m = point_part(name, part, base_cfg, coconut_run, control_cfg)
         if stage == "base":
@@ -224,6 +228,9 @@ def run_heldout(args) -> dict:
             spec = eval_spec(m.curriculum.end_stage, m.config, m.tokenizer, t.format, injector=m.injector,
                              name=method)
         frames[method] = evaluate(m.model, m.tokenizer, fresh, spec, t.format, batch_size=250, progress=False)
+        if seen:  # the same model on problems it trained on: how much of it is memorised
+            on_train[method] = evaluate(m.model, m.tokenizer, seen, spec, t.format, batch_size=250,
+                                        progress=False).correct.to_numpy(float)
     path = np.array([len(r.steps) for r in fresh])
     lengths, counts = np.unique(path, return_counts=True)
 
@@ -239,6 +246,7 @@ def run_heldout(args) -> dict:
         c = frame.correct.to_numpy(float)
         rows.append({"method": method, "accuracy": float(c.mean()), "ci95": interval(c),
                      "visible_tokens": float(frame.visible_tokens.mean()),
+                     **({"train_accuracy": float(on_train[method].mean()), "train_n": len(seen)} if seen else {}),
                      # the longer the shortest path, the further ahead the first written step must look
                      "by_path_length": {int(k): {"accuracy": float(c[path == k].mean()), "ci95": interval(c[path == k]),
                                                  "n": int((path == k).sum())} for k in lengths}})
@@ -383,6 +391,8 @@ def heldout_table(heldouts: list[dict]):
             row[r["method"]] = f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f}"
         for name, d in h["paired"].items():
             row[name] = f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}"
+        if all("train_accuracy" in r for r in h["rows"]):
+            row[MEMORISED] = " / ".join(f"{100 * (r['train_accuracy'] - r['accuracy']):+.1f}" for r in h["rows"])
         by_length = gap_by_length(h)
         if by_length:
             row[BY_LENGTH] = "; ".join(f"{k} edges: {100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f} (n={d['n']})"
@@ -392,9 +402,11 @@ def heldout_table(heldouts: list[dict]):
         return None
     table = pd.DataFrame(rows)
     order = ["point", "fresh problems", "CoT", "no-CoT", "Coconut", COT_AS_LONG, "Coconut - CoT",
-             f"Coconut - {COT_AS_LONG}", BY_LENGTH]
+             f"Coconut - {COT_AS_LONG}", MEMORISED, BY_LENGTH]
     if BY_LENGTH in table:
         table[BY_LENGTH] = table[BY_LENGTH].fillna("not split (an earlier heldout)")
+    if MEMORISED in table:
+        table[MEMORISED] = table[MEMORISED].fillna("not measured (an earlier heldout)")
     return table[[c for c in order if c in table]].fillna("not trained")
 
 
@@ -484,6 +496,9 @@ def main(argv=None) -> None:
     ho = sub.add_parser("heldout", parents=[common],
                         help="evaluate a finished point's models again on problems of its size it never saw")
     ho.add_argument("--extra", type=int, default=1000, help="how many fresh problems")
+    ho.add_argument("--train-check", type=int, default=1000,
+                    help="also evaluate on this many of the point's training problems (0: none): accuracy there "
+                         "minus on fresh ones is what the model memorised")
     sub.add_parser("report", help="the table and figure of every point run so far")
     sub.add_parser("status", help="where each part of every point stands (complete, checkpointed at a step, not "
                                   "started)")
@@ -493,6 +508,8 @@ def main(argv=None) -> None:
     elif args.command == "point":
         run_point(args)
     elif args.command == "heldout":
+        if args.extra < 1 or args.train_check < 0:
+            ap.error(f"heldout needs --extra >= 1 and --train-check >= 0 (got {args.extra} and {args.train_check})")
         run_heldout(args)
     elif args.command == "status":
         status()

@@ -529,6 +529,12 @@ def test_a_sweep_point_reuses_the_parts_trained_alone(tmp_path, monkeypatch, cap
     assert held["n"] == 7 and [r["method"] for r in held["rows"]] == ["CoT", "no-CoT", "Coconut",
                                                                       graph_sweep.COT_AS_LONG]
     assert all(0 <= r["accuracy"] <= 1 for r in held["rows"]) and "Coconut - CoT" in held["paired"]
+    # and on the point's training problems (all 40 of them: --train-check is clamped to the split)
+    assert all(r["train_n"] == 40 and 0 <= r["train_accuracy"] <= 1 for r in held["rows"])
+    memorised = graph_sweep.heldout_table(graph_sweep.load_heldouts())[graph_sweep.MEMORISED].iloc[0]
+    assert memorised == " / ".join(f"{100 * (r['train_accuracy'] - r['accuracy']):+.1f}" for r in held["rows"])
+    with pytest.raises(SystemExit):
+        graph_sweep.main(["heldout", *args[1:-1], "--extra", "7", "--train-check", "-1"])
     for r in held["rows"]:  # the split by path length covers every fresh problem once and averages to the whole
         parts = r["by_path_length"].values()
         assert {k: v["n"] for k, v in r["by_path_length"].items()} == held["path_lengths"]
