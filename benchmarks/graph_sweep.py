@@ -55,7 +55,7 @@ OUT = RESULTS / "graph_sweep"
 
 COT_AS_LONG = "CoT trained as long"  # the control row (--cot-control)
 BY_LENGTH = "Coconut - CoT by path length"  # a heldout column
-MEMORISED = "training problems - fresh, points (each method, in row order)"  # a heldout column
+MEMORISED = "training problems - fresh, points (the methods in column order)"  # a heldout column
 
 
 def point_name(model: str, nodes: int, min_path: int, max_path: int, tag: str = "") -> str:
