@@ -283,7 +283,7 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
     labels = [f"{r.model}\n{r.nodes} nodes, paths {r.paths}"
               + (f"\n{r.base_steps} + {r.coconut_steps} steps" if budgets else "")
               + (f"\nc={r.c}, uniform {r.uniform_prob:g}" if curriculum else "")
-              + (f", lr {r.lr:g}" if curriculum and "lr" in table else "") for r in table.itertuples()]
+              + (f"\nlr {r.lr:g}" if curriculum and "lr" in table else "") for r in table.itertuples()]
     methods = [m for m in ("CoT", "CoT trained as long", "no-CoT", "Coconut") if m in table]
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(table)), 4.4))
@@ -292,9 +292,9 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
                label=m)
     ax.set_xticks(np.arange(len(table)), labels, fontsize=7.5)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; base + curriculum steps"
-                  + ("; thoughts per step, stage mixing" + (", learning rate" if "lr" in table else "") + ")"
-                     if curriculum else ")"))
+    ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; base + curriculum steps"  # two lines:
+                  + (";\nthoughts per step, stage mixing" + ("; learning rate" if "lr" in table else "") + ")"
+                     if curriculum else ")"))  # (one would be wider than the axes of a few points)
     ax.set_ylim(0, 100)
     ax.axhline(50, color="grey", ls=":", lw=0.8)
     ax.set_title(title)

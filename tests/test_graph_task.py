@@ -434,8 +434,17 @@ def test_the_sweep_figure_draws_the_control_where_a_point_has_it():
     assert heights == [84.5, 84.5, 0.0, 86.5, 55.0, 55.0, 72.0, 90.5]
     assert "3000 + 3900 steps" in ax.get_xticklabels()[1].get_text()
     assert "c=2, uniform 0" in ax.get_xticklabels()[1].get_text()
-    assert "c=1, uniform 0.3, lr 0.001" in ax.get_xticklabels()[0].get_text()
+    assert "c=1, uniform 0.3\nlr 0.001" in ax.get_xticklabels()[0].get_text()
     assert "lr 0.0003" in ax.get_xticklabels()[1].get_text()  # points differing only in the learning rate
+    # neighbouring points' labels do not run into each other, nor the axis label past the figure
+    three = pd.concat([table, table.iloc[[0]]], ignore_index=True)
+    three.loc[2, ["base_steps", "coconut_steps"]] = [12000, 6400]
+    fig = plots.graph_sweep(three)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels()]
+    assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+    assert fig.axes[0].xaxis.label.get_window_extent(renderer).width <= fig.bbox.width
 
 
 def test_the_gap_figure_draws_each_points_own_path_lengths_and_the_target():
