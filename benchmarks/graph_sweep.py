@@ -229,8 +229,8 @@ def run_heldout(args) -> dict:
                              name=method)
         frames[method] = evaluate(m.model, m.tokenizer, fresh, spec, t.format, batch_size=250, progress=False)
         if seen:  # the same model on problems it trained on: how much of it is memorised
-            on_train[method] = evaluate(m.model, m.tokenizer, seen, spec, t.format, batch_size=250,
-                                        progress=False).correct.to_numpy(float)
+            on_train[method] = float(evaluate(m.model, m.tokenizer, seen, spec, t.format, batch_size=250,
+                                              progress=False).correct.mean())
     path = np.array([len(r.steps) for r in fresh])
     lengths, counts = np.unique(path, return_counts=True)
 
@@ -246,7 +246,7 @@ def run_heldout(args) -> dict:
         c = frame.correct.to_numpy(float)
         rows.append({"method": method, "accuracy": float(c.mean()), "ci95": interval(c),
                      "visible_tokens": float(frame.visible_tokens.mean()),
-                     **({"train_accuracy": float(on_train[method].mean()), "train_n": len(seen)} if seen else {}),
+                     **({"train_accuracy": on_train[method], "train_n": len(seen)} if method in on_train else {}),
                      # the longer the shortest path, the further ahead the first written step must look
                      "by_path_length": {int(k): {"accuracy": float(c[path == k].mean()), "ci95": interval(c[path == k]),
                                                  "n": int((path == k).sum())} for k in lengths}})

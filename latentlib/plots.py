@@ -292,9 +292,10 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
                label=m)
     ax.set_xticks(np.arange(len(table)), labels, fontsize=7.5)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; base + curriculum steps"  # two lines:
+    # two lines: one would be wider than the axes of a few points
+    ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; base + curriculum steps"
                   + (";\nthoughts per step, stage mixing" + ("; learning rate" if "lr" in table else "") + ")"
-                     if curriculum else ")"))  # (one would be wider than the axes of a few points)
+                     if curriculum else ")"))
     ax.set_ylim(0, 100)
     ax.axhline(50, color="grey", ls=":", lw=0.8)
     ax.set_title(title)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import os
+import random
 import re
 from collections import deque
 from pathlib import Path
