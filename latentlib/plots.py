@@ -297,9 +297,11 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
                   + (";\nthoughts per step, stage mixing" + ("; learning rate" if "lr" in table else "") + ")"
                      if curriculum else ")"))
     ax.set_ylim(0, 100)
-    ax.axhline(50, color="grey", ls=":", lw=0.8)
+    chance = ax.axhline(50, color="grey", ls=":", lw=0.8)
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend(handles + [chance], names + ["chance"], fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig

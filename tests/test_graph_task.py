@@ -429,7 +429,7 @@ def test_the_sweep_figure_draws_the_control_where_a_point_has_it():
                           "c": [1, 2], "uniform_prob": [0.3, 0.0], "lr": [1e-3, 3e-4]})
     fig = plots.graph_sweep(table)
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CoT", "CoT trained as long", "no-CoT", "Coconut"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CoT", "CoT trained as long", "no-CoT", "Coconut", "chance"]
     heights = [round(b.get_height(), 1) for b in ax.patches]
     assert heights == [84.5, 84.5, 0.0, 86.5, 55.0, 55.0, 72.0, 90.5]
     assert "3000 + 3900 steps" in ax.get_xticklabels()[1].get_text()
