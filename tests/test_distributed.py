@@ -282,6 +282,33 @@ def test_distributed_a_killed_rank_leaves_no_half_written_checkpoint_and_the_run
 
 
 @pytest.mark.slow
+def test_distributed_a_checkpoint_inside_a_history_row_resumes_into_the_processes_mean(tmp_path):
+    """A checkpoint between two history rows (every 3 steps, a row every 4) keeps the open
+    row's sums; on 2 processes a metric each one measures on its own share of the batch
+    (here the mean token id of its labels) is saved as their mean, so the row the resumed run completes
+    is the uninterrupted run's, not one with the main process's share for its first steps."""
+    env = _env(LOG_EVERY="4")
+    out, _ = _tiny_run(_torchrun(), tmp_path, "straight", env=env)
+    straight = _rows(out.stdout)
+    out, _ = _tiny_run(_torchrun(), tmp_path, "crashed", env={**env, "KILL_RANK": "1", "KILL_AT_STEP": "8"},
+                       check=False)
+    assert out.returncode != 0
+    progress = artifacts.load_json(tmp_path / "crashed" / "checkpoint" / "progress.json")
+    assert progress["step"] == 6 and set(progress["running"]) == {"loss", "label_id"}  # steps 5 and 6 of the row to 8
+    out, _ = _tiny_run(_torchrun(), tmp_path, "crashed", env=env)
+    resumed = _rows(out.stdout)
+    assert sorted(resumed) == [8, 12, 16, 20, 24]
+    for step, (loss, label_id) in resumed.items():
+        assert loss == pytest.approx(straight[step][0], abs=1e-6), step
+        assert label_id == pytest.approx(straight[step][1], abs=1e-6), step
+
+
+def _rows(stdout: str) -> dict[int, tuple[float, float]]:
+    return {int(s): (float(loss), float(t))
+            for s, loss, t in re.findall(r"step (\d+) loss (\d+\.\d{8}) ids (\d+\.\d{8})", stdout)}
+
+
+@pytest.mark.slow
 def test_distributed_a_run_resumed_with_another_number_of_processes_continues_the_same_curve(tmp_path):
     """Decision: checkpoints hold whole tensors by name and the global batches do not
     depend on the number of processes, so a run killed on 2 processes resumes on 1 (the

@@ -2,9 +2,12 @@
 
     python tests/train_worker.py RUN_DIR OUT_FILE
 
-Prints ``step N loss L`` after every optimizer step; resumes from RUN_DIR's checkpoint if one is
-complete; writes the final weights to OUT_FILE (safetensors). Under torchrun, ``KILL_RANK`` and
-``KILL_AT_STEP`` make that rank kill itself (SIGKILL) after that step, as a crashed process would.
+Prints ``step N loss L`` after every history row (every optimizer step unless ``LOG_EVERY``
+says otherwise), with `` ids I``: the mean over the processes of the mean token id of their
+batches' labels, a metric each process measures on its own share; resumes from RUN_DIR's
+checkpoint if one is complete; writes the final weights to OUT_FILE (safetensors). Under
+torchrun, ``KILL_RANK`` and ``KILL_AT_STEP`` make that rank kill itself (SIGKILL) after that
+history row, as a crashed process would.
 """
 
 import os
@@ -34,16 +37,22 @@ def main(run_dir: str, out_file: str) -> None:
     model = build_tiny_model(len(tok), Preset("t", "scratch", hidden_size=32, num_layers=2, num_heads=2,
                                               num_kv_heads=1, intermediate_size=64), seed=1)
     examples = [cot_segments(encode_record(tok, r, Format(" "))) for r in splits.train]
-    tc = TrainConfig(steps=STEPS, batch_size=16, lr=3e-3, warmup_steps=4, checkpoint_every=3, log_every=1, seed=5)
+    tc = TrainConfig(steps=STEPS, batch_size=16, lr=3e-3, warmup_steps=4, checkpoint_every=3,
+                     log_every=int(os.environ.get("LOG_EVERY", "1")), seed=5)
     kill_rank, kill_at = int(os.environ.get("KILL_RANK", -1)), int(os.environ.get("KILL_AT_STEP", -1))
 
     def on_log(row):
         if rank0:
-            print(f"step {row['step']} loss {row['loss']:.8f}", flush=True)
+            print(f"step {row['step']} loss {row['loss']:.8f} ids {row['label_id']:.8f}", flush=True)
         if row["step"] == kill_at and distributed.rank() == kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train(model, examples, lambda b: collate(b, tok.pad_token_id), lm_loss, tc, checkpoint_dir=run_dir,
+    def loss_fn(model, batch):
+        loss, metrics = lm_loss(model, batch)
+        labels = batch["labels"]
+        return loss, {**metrics, "label_id": float(labels[labels != -100].float().mean())}
+
+    train(model, examples, lambda b: collate(b, tok.pad_token_id), loss_fn, tc, checkpoint_dir=run_dir,
           progress=False, on_log=on_log)
     state = distributed.whole_state_dict(model)  # every process: a sharded model is gathered
     if rank0:

@@ -171,7 +171,10 @@ def _save_checkpoint(ckpt: Path, par: Parallel, modules: dict[str, nn.Module], s
     optimizer's state by parameter name, the scheduler, the RNG and the step; gathered
     from every process, written by the main process (the others wait). ``progress.json``
     also keeps the sums of the history row being accumulated (a checkpoint between two
-    rows resumes into the same row) and the training time so far."""
+    rows resumes into the same row), averaged over the processes as the row itself will
+    be (each process's metrics are of its share of the batch), and the training time so far."""
+    if running and _par_world(par) > 1:  # it holds the loss on every process or on none: all of them call it
+        running = distributed.all_mean(running)
     named = trainable_named(modules)
     weights: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in modules}
     for name, p in named:
