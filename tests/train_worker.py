@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 
 from latentlib import distributed  # noqa: E402
 from latentlib.artifacts import save_state_dict  # noqa: E402
-from latentlib.batching import collate, cot_segments, encode_record  # noqa: E402
+from latentlib.batching import IGNORE, collate, cot_segments, encode_record  # noqa: E402
 from latentlib.presets import Preset, build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from latentlib.tasks import ChainConfig, Format, chain_vocabulary, make_chain_splits  # noqa: E402
 from latentlib.training.losses import lm_loss  # noqa: E402
@@ -50,7 +50,7 @@ def main(run_dir: str, out_file: str) -> None:
     def loss_fn(model, batch):
         loss, metrics = lm_loss(model, batch)
         labels = batch["labels"]
-        return loss, {**metrics, "label_id": float(labels[labels != -100].float().mean())}
+        return loss, {**metrics, "label_id": float(labels[labels != IGNORE].float().mean())}
 
     train(model, examples, lambda b: collate(b, tok.pad_token_id), loss_fn, tc, checkpoint_dir=run_dir,
           progress=False, on_log=on_log)
