@@ -255,7 +255,13 @@ def test_distributed_smollm2_two_processes_match_one(tmp_path, one_process, mode
 def _tiny_run(cmd, tmp_path, name, env=None, check=True):
     out = _run([*cmd, ROOT / "tests" / "train_worker.py", tmp_path / name, tmp_path / f"{name}.safetensors"],
                env=env, check=check, timeout=900)
-    return out, {int(s): float(v) for s, v in re.findall(r"step (\d+) loss (\d+\.\d{8})", out.stdout)}
+    return out, {step: loss for step, (loss, _) in _rows(out.stdout).items()}
+
+
+def _rows(stdout: str) -> dict[int, tuple[float, float]]:
+    """The worker's history rows: step -> (loss, the processes' mean label id)."""
+    return {int(s): (float(loss), float(ids))
+            for s, loss, ids in re.findall(r"step (\d+) loss (\d+\.\d{8}) ids (\d+\.\d{8})", stdout)}
 
 
 @pytest.mark.slow
@@ -285,8 +291,9 @@ def test_distributed_a_killed_rank_leaves_no_half_written_checkpoint_and_the_run
 def test_distributed_a_checkpoint_inside_a_history_row_resumes_into_the_processes_mean(tmp_path):
     """A checkpoint between two history rows (every 3 steps, a row every 4) keeps the open
     row's sums; on 2 processes a metric each one measures on its own share of the batch
-    (here the mean token id of its labels) is saved as their mean, so the row the resumed run completes
-    is the uninterrupted run's, not one with the main process's share for its first steps."""
+    (here the mean token id of its labels) is saved as their mean, so the row the resumed
+    run completes is the uninterrupted run's, not one with the main process's share for its
+    first steps."""
     env = _env(LOG_EVERY="4")
     out, _ = _tiny_run(_torchrun(), tmp_path, "straight", env=env)
     straight = _rows(out.stdout)
@@ -301,11 +308,6 @@ def test_distributed_a_checkpoint_inside_a_history_row_resumes_into_the_processe
     for step, (loss, label_id) in resumed.items():
         assert loss == pytest.approx(straight[step][0], abs=1e-6), step
         assert label_id == pytest.approx(straight[step][1], abs=1e-6), step
-
-
-def _rows(stdout: str) -> dict[int, tuple[float, float]]:
-    return {int(s): (float(loss), float(t))
-            for s, loss, t in re.findall(r"step (\d+) loss (\d+\.\d{8}) ids (\d+\.\d{8})", stdout)}
 
 
 @pytest.mark.slow
