@@ -350,7 +350,7 @@ def sweep_table(points: list[dict]):
     for p in sorted(points, key=sweep_order):
         row = {"model": p["model"], "nodes": p["nodes"], "paths": f"{p['min_path']}-{p['max_path']}",
                "question_words": round(p["mean_question_words"], 1), "base_steps": p["budget"]["base_steps"],
-               "coconut_steps": coconut_steps(p),
+               "coconut_steps": coconut_steps(p), "n_train": p["n_train"],
                "c": p["budget"]["c_thought"], "uniform_prob": p["budget"]["uniform_prob"], "lr": p["budget"]["lr"],
                "n_test": p["n_test"]}
         for r in p["rows"]:

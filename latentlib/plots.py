@@ -272,7 +272,8 @@ def table1_tasks(table: pd.DataFrame, *, title: str = "Coconut's Table 1 on the 
 def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs written CoT across sizes"):
     """Accuracy of CoT, no-CoT, Coconut and (where a point trained it) the CoT trained as
     long as the curriculum, at each sweep point (one row per point with ``model``,
-    ``nodes``, ``paths``, optionally ``base_steps`` and ``coconut_steps`` (the budgets) and
+    ``nodes``, ``paths``, optionally ``base_steps`` and ``coconut_steps`` (the budgets), ``n_train``
+    (training problems) and
     ``c``, ``uniform_prob`` and ``lr`` (Coconut's thoughts per step, stage mixing and learning
     rate), and a column
     per method, accuracy in [0, 1]); a point without a method has no bar for it."""
@@ -282,6 +283,7 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
     curriculum = "c" in table and "uniform_prob" in table
     labels = [f"{r.model}\n{r.nodes} nodes, paths {r.paths}"
               + (f"\n{r.base_steps} + {r.coconut_steps} steps" if budgets else "")
+              + (f"\n{r.n_train:,} problems" if "n_train" in table else "")
               + (f"\nc={r.c}, uniform {r.uniform_prob:g}" if curriculum else "")
               + (f"\nlr {r.lr:g}" if curriculum and "lr" in table else "") for r in table.itertuples()]
     methods = [m for m in ("CoT", "CoT trained as long", "no-CoT", "Coconut") if m in table]
@@ -294,6 +296,7 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
     ax.set_ylabel("test accuracy (%)")
     # two lines: one would be wider than the axes of a few points
     ax.set_xlabel("sweep point (model; nodes per graph; shortest paths; base + curriculum steps"
+                  + ("; training problems" if "n_train" in table else "")
                   + (";\nthoughts per step, stage mixing" + ("; learning rate" if "lr" in table else "") + ")"
                      if curriculum else ")"))
     ax.set_ylim(0, 100)
@@ -321,6 +324,7 @@ def graph_gaps(table: pd.DataFrame, *, target: float | None = 10.0,
     line at ``target``. A subset of fewer than 100 problems is drawn pale and hatched: its
     interval is wide."""
     import re
+    import textwrap
 
     import numpy as np
     from matplotlib.patches import Patch
@@ -344,9 +348,10 @@ def graph_gaps(table: pd.DataFrame, *, target: float | None = 10.0,
         handles.append(ax.axhline(target, color="black", ls="--", lw=0.9, label=f"target (+{target:g})"))
     ax.axhline(0, color="grey", lw=0.8)
 
-    def label(point):  # sweep-<model>-n<nodes>-p<min>-<max>[-<tag>]
+    def label(point):  # sweep-<model>-n<nodes>-p<min>-<max>[-<tag>]; a long tag wrapped at its hyphens
         m = re.fullmatch(r"sweep-(.+)-n(\d+)-p(\d+)-(\d+)(?:-(.+))?", point)
-        return point if not m else f"{m[1]}\n{m[2]} nodes, paths {m[3]}-{m[4]}" + (f"\n{m[5]}" if m[5] else "")
+        return point if not m else f"{m[1]}\n{m[2]} nodes, paths {m[3]}-{m[4]}" + (
+            "\n" + textwrap.fill(m[5], 18) if m[5] else "")
 
     ax.set_xticks(np.arange(len(points)), [label(p) for p in points], fontsize=7.5)
     ax.set_ylabel("Coconut - CoT (points, 95% interval)")

@@ -577,7 +577,7 @@ def test_sweep_table_and_heldouts_follow_size_then_budget(tmp_path, monkeypatch)
         rows = [{"method": m, "accuracy": a, "accuracy_cue_not_right": a} for m, a in
                 (("CoT", 0.9), ("no-CoT", 0.6), ("Coconut", 0.95))]
         return {"point": name, "model": "tiny", "nodes": 12, "min_path": 3, "max_path": 5, "n_test": 200,
-                "mean_question_words": 40.0, "rows": rows, "seconds": {"base": 0.0, "total": 0.0},
+                "n_train": 20000, "mean_question_words": 40.0, "rows": rows, "seconds": {"base": 0.0, "total": 0.0},
                 "budget": {"base_steps": 3000, "steps_per_stage": 600, "final_stage_steps": final_stage_steps,
                            "c_thought": 1, "uniform_prob": 0.3, "lr": 3e-3}}
 
@@ -588,6 +588,7 @@ def test_sweep_table_and_heldouts_follow_size_then_budget(tmp_path, monkeypatch)
     points = graph_sweep.load_points()
     assert [p["point"] for p in points] == [longer["point"], short["point"]]  # the file names' order
     assert graph_sweep.sweep_table(points).coconut_steps.tolist() == [3900, 6400]
+    assert graph_sweep.sweep_table(points).n_train.tolist() == [20000, 20000]  # the figure's labels show it
     assert [h["point"] for h in graph_sweep.load_heldouts(points)] == [short["point"], longer["point"]]
 
 
