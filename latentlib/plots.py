@@ -272,11 +272,10 @@ def table1_tasks(table: pd.DataFrame, *, title: str = "Coconut's Table 1 on the 
 def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs written CoT across sizes"):
     """Accuracy of CoT, no-CoT, Coconut and (where a point trained it) the CoT trained as
     long as the curriculum, at each sweep point (one row per point with ``model``,
-    ``nodes``, ``paths``, optionally ``base_steps`` and ``coconut_steps`` (the budgets), ``n_train``
-    (training problems) and
-    ``c``, ``uniform_prob`` and ``lr`` (Coconut's thoughts per step, stage mixing and learning
-    rate), and a column
-    per method, accuracy in [0, 1]); a point without a method has no bar for it."""
+    ``nodes``, ``paths``, optionally ``base_steps`` and ``coconut_steps`` (the budgets),
+    ``n_train`` (training problems) and ``c``, ``uniform_prob`` and ``lr`` (Coconut's
+    thoughts per step, stage mixing and learning rate), and a column per method, accuracy
+    in [0, 1]); a point without a method has no bar for it."""
     import numpy as np
 
     budgets = "base_steps" in table and "coconut_steps" in table
