@@ -24,6 +24,13 @@ point run without it then reuses them. Training checkpoints every
 ``--checkpoint-every`` steps (200): a part interrupted (a killed process, a session that ends)
 and run again with the same arguments resumes from its last checkpoint and ends with the
 weights and history of an uninterrupted run, its recorded training time included.
+With ``--early-base-steps N`` Coconut's curriculum starts from a CoT base trained for only
+N steps (its own warmup and cosine schedule), as the paper's ProsQA run starts its latent
+stages after a short CoT stage 0 (``args/prosqa_coconut.yaml``: 5 of 50 epochs) rather than
+from a CoT model trained to the end; the point's CoT row is still the fully trained base.
+That early base and Coconut's curriculum live in a run of their own,
+``runs/<point>-coconut``, because a curriculum takes its base from its own run; the
+point's name ends in ``-early<N>``.
 ``heldout`` evaluates a finished point's models again on fresh problems of its size (1000 by
 default, none of them in the point's splits): the test split's 200 leave about 3 points of
 standard error on a difference. It also splits accuracy and the paired Coconut - CoT difference
@@ -55,11 +62,30 @@ OUT = RESULTS / "graph_sweep"
 
 COT_AS_LONG = "CoT trained as long"  # the control row (--cot-control)
 BY_LENGTH = "Coconut - CoT by path length"  # a heldout column
+EARLY_BASE = "Coconut's early CoT base"  # its training time, with --early-base-steps
 MEMORISED = "training problems - fresh, points (the methods in column order)"  # a heldout column
 
 
 def point_name(model: str, nodes: int, min_path: int, max_path: int, tag: str = "") -> str:
     return f"sweep-{model}-n{nodes}-p{min_path}-{max_path}" + (f"-{tag}" if tag else "")
+
+
+def coconut_run(name: str, args) -> str:
+    """The run Coconut's curriculum trains in: the point's own, or with ``--early-base-steps``
+    one of its own that also holds the short CoT base it starts from."""
+    return f"{name}-coconut" if args.early_base_steps else name
+
+
+def early_base_config(base_cfg, args):
+    """The short CoT base Coconut starts from with ``--early-base-steps`` (None without it):
+    the point's base configuration with fewer steps, its warmup and logging scaled alike."""
+    from dataclasses import replace
+
+    if not args.early_base_steps:
+        return None
+    n = args.early_base_steps
+    return replace(base_cfg, kinds=("cot",), train=replace(base_cfg.train, steps=n, warmup_steps=min(100, n // 5),
+                                                          log_every=max(1, n // 30)))
 
 
 def point_configs(args):
@@ -74,6 +100,8 @@ def point_configs(args):
     from latentlib.training.loop import TrainConfig
 
     name = point_name(args.model, args.nodes, args.min_path, args.max_path, args.tag)
+    if args.early_base_steps:
+        name += f"-early{args.early_base_steps}"
     task = TaskConfig(name="graph", n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                       graph_nodes=args.nodes, graph_min_path=args.min_path, graph_max_path=args.max_path)
     base_cfg = stages.BaseModelsConfig(
@@ -96,23 +124,39 @@ def point_configs(args):
 
 
 def point_budget(args) -> dict:
-    return {"base_steps": args.base_steps, "batch_size": args.batch_size, "base_lr": args.base_lr,
-            "steps_per_stage": args.steps_per_stage, "final_stage_steps": args.final_stage_steps,
-            "lr": args.lr, "uniform_prob": args.uniform_prob, "c_thought": args.c_thought}
+    budget = {"base_steps": args.base_steps, "batch_size": args.batch_size, "base_lr": args.base_lr,
+              "steps_per_stage": args.steps_per_stage, "final_stage_steps": args.final_stage_steps,
+              "lr": args.lr, "uniform_prob": args.uniform_prob, "c_thought": args.c_thought}
+    if args.early_base_steps:  # (only then: the budgets of points written before the option stay equal)
+        budget["early_base_steps"] = args.early_base_steps
+    return budget
 
 
 PARTS = {"CoT": ("base", "cot"), "no-CoT": ("base", "nocot"), "Coconut": ("curriculum", "coconut_plain"),
          COT_AS_LONG: ("curriculum", "cot_as_long")}  # a point's rows: (stage, artifact name)
 
 
-def point_part(name: str, part: str, base_cfg, coconut_run, control_cfg):
-    """One part of a point (an artifact name of :data:`PARTS`), trained or reused by key."""
+def point_part(name: str, part: str, base_cfg, coconut_cfg, control_cfg, args):
+    """One part of a point (an artifact name of :data:`PARTS`), trained or reused by key.
+    With ``--early-base-steps`` Coconut's part first trains (or reuses) its short CoT base."""
     from latentlib import stages
 
     if part in ("cot", "nocot"):
         return stages.base_model(name, base_cfg, part, progress=False)
-    cfg = coconut_run if part == "coconut_plain" else control_cfg
-    return stages.coconut_model(name, cfg, part, progress=False)
+    if part == "cot_as_long":
+        return stages.coconut_model(name, control_cfg, part, progress=False)
+    early = early_base_config(base_cfg, args)
+    if early is not None:
+        stages.base_model(coconut_run(name, args), early, "cot", progress=False)
+    return stages.coconut_model(coconut_run(name, args), coconut_cfg, part, progress=False)
+
+
+def part_dir(name: str, method: str, args):
+    """The artifact directory of one of a point's rows (a method of :data:`PARTS`)."""
+    from latentlib import artifacts
+
+    stage, part = PARTS[method]
+    return artifacts.artifact_dir(coconut_run(name, args) if method == "Coconut" else name, stage, part)
 
 
 def run_part(args) -> None:
@@ -123,13 +167,14 @@ def run_part(args) -> None:
     from latentlib import artifacts
 
     set_threads(args.threads)
-    name, _, base_cfg, coconut_run, control_cfg = point_configs(args)
+    name, _, base_cfg, coconut_cfg, control_cfg = point_configs(args)
     part = {"control": PARTS[COT_AS_LONG][1], "coconut": PARTS["Coconut"][1]}.get(args.only, args.only)
-    if args.only in ("control", "coconut") and not artifacts.is_complete(artifacts.artifact_dir(name, "base", "cot")):
+    own_base = args.only == "control" or (args.only == "coconut" and not args.early_base_steps)
+    if own_base and not artifacts.is_complete(artifacts.artifact_dir(name, "base", "cot")):
         raise SystemExit(f"{name}: the {args.only} run starts from the CoT base, which is not trained yet: run the "
                          "same command with --only cot first (or wait for the process training it)")
     t0 = time.perf_counter()
-    point_part(name, part, base_cfg, coconut_run, control_cfg)
+    point_part(name, part, base_cfg, coconut_cfg, control_cfg, args)
     print(f"{name}: {args.only} done in {time.perf_counter() - t0:.0f} s")
 
 
@@ -140,11 +185,11 @@ def run_point(args) -> dict:
     from latentlib.probes import cue_accuracy
 
     threads = set_threads(args.threads)
-    name, task, base_cfg, coconut_run, control_cfg = point_configs(args)
+    name, task, base_cfg, coconut_cfg, control_cfg = point_configs(args)
     t0 = time.perf_counter()
     base = stages.base_models(name, base_cfg, progress=False)
     t_base = time.perf_counter() - t0
-    coconut = stages.coconut_model(name, coconut_run, "coconut_plain", progress=False)
+    coconut = point_part(name, "coconut_plain", base_cfg, coconut_cfg, control_cfg, args)
     frames = [("CoT", base["cot"].evaluation), ("no-CoT", base["nocot"].evaluation), ("Coconut", coconut.per_problem)]
     # each model's training time as its artifact recorded it, whichever call trained it (a reused
     # or copied part keeps the time of the run that made it; this call's own time is "total")
@@ -153,6 +198,10 @@ def run_point(args) -> dict:
         control = stages.coconut_model(name, control_cfg, "cot_as_long", progress=False)
         frames.append((COT_AS_LONG, control.per_problem))
         trained[COT_AS_LONG] = control.seconds
+    early = None
+    if args.early_base_steps:  # the short CoT base Coconut started from (reused: point_part made it)
+        early = stages.base_models(coconut_run(name, args), early_base_config(base_cfg, args), progress=False)["cot"]
+        trained[EARLY_BASE] = early.seconds  # (base_models also evaluates it on the test split)
     seconds = time.perf_counter() - t0
     _, t = stages.base.task_of(args.model, task)
     test = t.splits.test
@@ -167,6 +216,8 @@ def run_point(args) -> dict:
               "mean_question_words": float(pd.Series([len(r.question.split()) for r in test]).mean()),
               "path_lengths": {int(k): int(v) for k, v in path_len.value_counts().sort_index().items()},
               "budget": point_budget(args),
+              **({"early_base": {"steps": args.early_base_steps, "accuracy": float(early.evaluation.correct.mean())}}
+                 if early is not None else {}),
               "rows": rows, "coconut_stages": coconut.table.drop(columns=["method"], errors="ignore")
               .to_dict("records"),
               "seconds": {"base": t_base, "total": seconds, "trained": trained}, "threads": threads,
@@ -208,12 +259,12 @@ def run_heldout(args) -> dict:
     from latentlib.stages.base import KINDS, task_of
 
     threads = set_threads(args.threads)
-    name, task, base_cfg, coconut_run, control_cfg = point_configs(args)
+    name, task, base_cfg, coconut_cfg, control_cfg = point_configs(args)
     point = OUT / f"{name}.json"
     if not point.is_file() or read_point(point)["budget"] != point_budget(args):
         raise SystemExit(f"{name}: no finished point with this budget in {OUT}: run `point` with the same "
                          "arguments first (heldout only evaluates what a point trained)")
-    present = {m: p for m, p in PARTS.items() if artifacts.is_complete(artifacts.artifact_dir(name, *p))}
+    present = {m: p for m, p in PARTS.items() if artifacts.is_complete(part_dir(name, m, args))}
     t0 = time.perf_counter()
     fresh = fresh_problems(args.model, task, args.extra)
     _, t = task_of(args.model, task)
@@ -221,7 +272,7 @@ def run_heldout(args) -> dict:
     budget = t.answer_budget(True)  # (the sweep's models are from scratch: one token per word)
     frames, on_train = {}, {}
     for method, (stage, part) in present.items():
-        m = point_part(name, part, base_cfg, coconut_run, control_cfg)
+        m = point_part(name, part, base_cfg, coconut_cfg, control_cfg, args)
         if stage == "base":
             spec = base_eval_spec(part, m.tokenizer, markers=KINDS[part][1], max_new_tokens=budget)
         else:
@@ -296,8 +347,15 @@ def status() -> None:
     if not runs:
         print(f"no sweep point under {artifacts.runs_root()} yet")
     for run_dir in runs:
+        if run_dir.name.endswith("-coconut"):  # an --early-base-steps point's Coconut and the base it starts from
+            print(f"{run_dir.name} (Coconut of {run_dir.name.removesuffix('-coconut')})")
+            print(f"  {EARLY_BASE}: {part_status(run_dir, 'base', 'cot')}")
+            print(f"  Coconut: {part_status(run_dir, *PARTS['Coconut'])}")
+            continue
         print(run_dir.name)
         for method, (stage, name) in PARTS.items():
+            if method == "Coconut" and (run_dir.parent / f"{run_dir.name}-coconut").is_dir():
+                continue  # an --early-base-steps point: its Coconut is in its own run, listed next
             print(f"  {method}: {part_status(run_dir, stage, name)}")
 
 
@@ -338,7 +396,7 @@ def sweep_order(point: dict) -> tuple:
     """A point's place in the table and the figures: by model and size, then by budget."""
     b = point["budget"]
     return (point["model"], point["nodes"], f"{point['min_path']}-{point['max_path']}", b["base_steps"],
-            coconut_steps(point), b["c_thought"], b["uniform_prob"], b["lr"])
+            coconut_steps(point), b.get("early_base_steps", b["base_steps"]), b["c_thought"], b["uniform_prob"], b["lr"])
 
 
 def sweep_table(points: list[dict]):
@@ -350,7 +408,9 @@ def sweep_table(points: list[dict]):
     for p in sorted(points, key=sweep_order):
         row = {"model": p["model"], "nodes": p["nodes"], "paths": f"{p['min_path']}-{p['max_path']}",
                "question_words": round(p["mean_question_words"], 1), "base_steps": p["budget"]["base_steps"],
-               "coconut_steps": coconut_steps(p), "n_train": p["n_train"],
+               "coconut_steps": coconut_steps(p), "coconut_base_steps": p["budget"].get("early_base_steps",
+                                                                                        p["budget"]["base_steps"]),
+               "n_train": p["n_train"],
                "c": p["budget"]["c_thought"], "uniform_prob": p["budget"]["uniform_prob"], "lr": p["budget"]["lr"],
                "n_test": p["n_test"]}
         for r in p["rows"]:
@@ -483,6 +543,9 @@ def main(argv=None) -> None:
                              "ProsQA: 0)")
     common.add_argument("--c-thought", type=int, default=1, help="continuous thoughts per removed step (c)")
     common.add_argument("--threads", type=int, default=2)
+    common.add_argument("--early-base-steps", type=int, default=0,
+                        help="start Coconut's curriculum from a CoT base trained this many steps, not the point's "
+                             "fully trained one (the paper's short CoT stage 0); 0: from the point's CoT base")
     common.add_argument("--tag", default="", help="a suffix of the run name (another budget at the same size)")
     common.add_argument("--checkpoint-every", type=int, default=200,
                         help="steps between training checkpoints (0: only at the end); not part of the reuse key, "
@@ -503,6 +566,9 @@ def main(argv=None) -> None:
     sub.add_parser("status", help="where each part of every point stands (complete, checkpointed at a step, not "
                                   "started)")
     args = ap.parse_args(argv)
+    if args.command in ("point", "heldout") and not 0 <= args.early_base_steps:
+        ap.error(f"--early-base-steps {args.early_base_steps}: must be >= 0 (0: Coconut from the point's own CoT "
+                 "base)")
     if args.command == "point" and args.only:
         run_part(args)
     elif args.command == "point":

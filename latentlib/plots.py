@@ -272,16 +272,22 @@ def table1_tasks(table: pd.DataFrame, *, title: str = "Coconut's Table 1 on the 
 def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs written CoT across sizes"):
     """Accuracy of CoT, no-CoT, Coconut and (where a point trained it) the CoT trained as
     long as the curriculum, at each sweep point (one row per point with ``model``,
-    ``nodes``, ``paths``, optionally ``base_steps`` and ``coconut_steps`` (the budgets),
+    ``nodes``, ``paths``, optionally ``base_steps`` and ``coconut_steps`` (the budgets;
+    ``coconut_base_steps`` when Coconut started from a CoT base of other steps),
     ``n_train`` (training problems) and ``c``, ``uniform_prob`` and ``lr`` (Coconut's
     thoughts per step, stage mixing and learning rate), and a column per method, accuracy
     in [0, 1]); a point without a method has no bar for it."""
     import numpy as np
 
     budgets = "base_steps" in table and "coconut_steps" in table
+
+    def early_base(r):  # Coconut started from a shorter-trained CoT base than the point's
+        return budgets and "coconut_base_steps" in table and r.coconut_base_steps != r.base_steps
+
     curriculum = "c" in table and "uniform_prob" in table
     labels = [f"{r.model}\n{r.nodes} nodes, paths {r.paths}"
               + (f"\n{r.base_steps} + {r.coconut_steps} steps" if budgets else "")
+              + (f"\nCoconut from a {r.coconut_base_steps}-step CoT" if early_base(r) else "")
               + (f"\n{r.n_train:,} problems" if "n_train" in table else "")
               + (f"\nc={r.c}, uniform {r.uniform_prob:g}" if curriculum else "")
               + (f"\nlr {r.lr:g}" if curriculum and "lr" in table else "") for r in table.itertuples()]

@@ -613,3 +613,48 @@ def test_the_sweep_status_reads_where_an_interrupted_part_stands(tmp_path):
     assert graph_sweep.part_status(run, "curriculum", "coconut_plain") == (
         "step 200 of curriculum stage 2 checkpointed, 19 min of training so far, loss 0.250")
     assert graph_sweep.part_status(run, "base", "nocot") == "not started"
+
+
+def test_a_sweep_point_can_start_coconut_from_an_early_cot_base(tmp_path, monkeypatch, capsys):
+    """``--early-base-steps N``: Coconut's curriculum starts from a CoT base of its own trained N
+    steps (in the run ``<point>-coconut``), while the point's CoT row is its fully trained base."""
+    import matplotlib.pyplot as plt
+
+    from benchmarks import graph_sweep
+    from latentlib import plots
+
+    monkeypatch.setenv("LATENTLIB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(graph_sweep, "OUT", tmp_path / "results")
+    args = ["point", "--nodes", "8", "--min-path", "2", "--max-path", "3", "--n-train", "40", "--n-test", "6",
+            "--base-steps", "6", "--batch-size", "8", "--steps-per-stage", "2", "--final-stage-steps", "2",
+            "--threads", "1", "--early-base-steps", "2"]
+    with pytest.raises(SystemExit):
+        graph_sweep.main([*args[:-1], "-1"])
+    graph_sweep.main([*args, "--only", "coconut"])  # needs no point's CoT base: it trains its own first
+    out = capsys.readouterr().out
+    assert "base/cot: training" in out and "curriculum/coconut_plain: training" in out
+    runs = tmp_path / "runs"
+    early = json.loads((runs / "sweep-tiny-n8-p2-3-early2-coconut" / "base" / "cot" / "COMPLETE").read_text())
+    assert early["history"][-1]["step"] == 2
+    graph_sweep.main(["status"])
+    status = capsys.readouterr().out
+    assert "sweep-tiny-n8-p2-3-early2-coconut (Coconut of sweep-tiny-n8-p2-3-early2)" in status
+    assert "Coconut: complete" in status
+    graph_sweep.main(args)
+    whole = capsys.readouterr().out
+    assert "curriculum/coconut_plain: reused" in whole and "base/nocot: training" in whole
+    assert not (runs / "sweep-tiny-n8-p2-3-early2" / "curriculum").exists()  # Coconut is in its own run only
+    full = json.loads((runs / "sweep-tiny-n8-p2-3-early2" / "base" / "cot" / "COMPLETE").read_text())
+    assert full["history"][-1]["step"] == 6
+    result = json.loads((tmp_path / "results" / "sweep-tiny-n8-p2-3-early2.json").read_text())
+    assert result["budget"]["early_base_steps"] == 2 and result["early_base"]["steps"] == 2
+    assert 0 <= result["early_base"]["accuracy"] <= 1
+    assert result["seconds"]["trained"][graph_sweep.EARLY_BASE] == early["seconds"] > 0
+    table = graph_sweep.sweep_table([result])
+    assert (table.base_steps.tolist(), table.coconut_base_steps.tolist()) == ([6], [2])
+    labels = [t.get_text() for t in plots.graph_sweep(table).axes[0].get_xticklabels()]
+    assert "\nCoconut from a 2-step CoT\n" in labels[0]
+    graph_sweep.main(["heldout", *args[1:], "--extra", "5"])
+    held = json.loads((tmp_path / "results" / "heldout" / "sweep-tiny-n8-p2-3-early2.json").read_text())
+    assert [r["method"] for r in held["rows"]] == ["CoT", "no-CoT", "Coconut"]
+    plt.close("all")
