@@ -373,13 +373,16 @@ TRAIN_MINUTES = "training minutes (CoT / no-CoT / Coconut / control)"
 
 
 def training_minutes(point: dict) -> str:
-    """Each model's training time as its artifact recorded it, or "not recorded" for a point
-    written before these were kept (its "total" is only what the writing call itself trained)."""
+    """Each model's training time as its artifact recorded it (Coconut's as "early base +
+    curriculum" with ``--early-base-steps``), or "not recorded" for a point written before
+    these were kept (its "total" is only what the writing call itself trained)."""
     trained = point["seconds"].get("trained")
     if not trained:
         return "not recorded"
-    return " / ".join(f"{trained[m] / 60:.0f}" if m in trained else "-" for m in ("CoT", "no-CoT", "Coconut",
-                                                                                  COT_AS_LONG))
+    cells = [f"{trained[m] / 60:.0f}" if m in trained else "-" for m in ("CoT", "no-CoT", "Coconut", COT_AS_LONG)]
+    if EARLY_BASE in trained:  # Coconut's own short CoT base, then its curriculum
+        cells[2] = f"{trained[EARLY_BASE] / 60:.0f} + {cells[2]}"
+    return " / ".join(cells)
 
 
 def coconut_steps(point: dict) -> int:

@@ -287,7 +287,7 @@ def graph_sweep(table: pd.DataFrame, *, title: str = "Graph task: Coconut vs wri
     curriculum = "c" in table and "uniform_prob" in table
     labels = [f"{r.model}\n{r.nodes} nodes, paths {r.paths}"
               + (f"\n{r.base_steps} + {r.coconut_steps} steps" if budgets else "")
-              + (f"\nCoconut from a {r.coconut_base_steps}-step CoT" if early_base(r) else "")
+              + (f"\nCoconut from a\n{r.coconut_base_steps}-step CoT" if early_base(r) else "")
               + (f"\n{r.n_train:,} problems" if "n_train" in table else "")
               + (f"\nc={r.c}, uniform {r.uniform_prob:g}" if curriculum else "")
               + (f"\nlr {r.lr:g}" if curriculum and "lr" in table else "") for r in table.itertuples()]

@@ -650,10 +650,12 @@ def test_a_sweep_point_can_start_coconut_from_an_early_cot_base(tmp_path, monkey
     assert result["budget"]["early_base_steps"] == 2 and result["early_base"]["steps"] == 2
     assert 0 <= result["early_base"]["accuracy"] <= 1
     assert result["seconds"]["trained"][graph_sweep.EARLY_BASE] == early["seconds"] > 0
+    assert graph_sweep.training_minutes(result).split(" / ")[2] == (
+        f"{early['seconds'] / 60:.0f} + {result['seconds']['trained']['Coconut'] / 60:.0f}")
     table = graph_sweep.sweep_table([result])
     assert (table.base_steps.tolist(), table.coconut_base_steps.tolist()) == ([6], [2])
     labels = [t.get_text() for t in plots.graph_sweep(table).axes[0].get_xticklabels()]
-    assert "\nCoconut from a 2-step CoT\n" in labels[0]
+    assert "\nCoconut from a\n2-step CoT\n" in labels[0]
     graph_sweep.main(["heldout", *args[1:], "--extra", "5"])
     held = json.loads((tmp_path / "results" / "heldout" / "sweep-tiny-n8-p2-3-early2.json").read_text())
     assert [r["method"] for r in held["rows"]] == ["CoT", "no-CoT", "Coconut"]
