@@ -399,7 +399,8 @@ def sweep_order(point: dict) -> tuple:
     """A point's place in the table and the figures: by model and size, then by budget."""
     b = point["budget"]
     return (point["model"], point["nodes"], f"{point['min_path']}-{point['max_path']}", b["base_steps"],
-            coconut_steps(point), b.get("early_base_steps", b["base_steps"]), b["c_thought"], b["uniform_prob"], b["lr"])
+            coconut_steps(point), b.get("early_base_steps", b["base_steps"]), b["c_thought"], b["uniform_prob"],
+            b["lr"])
 
 
 def sweep_table(points: list[dict]):
@@ -569,9 +570,9 @@ def main(argv=None) -> None:
     sub.add_parser("status", help="where each part of every point stands (complete, checkpointed at a step, not "
                                   "started)")
     args = ap.parse_args(argv)
-    if args.command in ("point", "heldout") and not 0 <= args.early_base_steps:
-        ap.error(f"--early-base-steps {args.early_base_steps}: must be >= 0 (0: Coconut from the point's own CoT "
-                 "base)")
+    if args.command in ("point", "heldout") and not 0 <= args.early_base_steps < args.base_steps:
+        ap.error(f"--early-base-steps {args.early_base_steps}: give fewer steps than --base-steps "
+                 f"({args.base_steps}), or 0 for Coconut from the point's own CoT base")
     if args.command == "point" and args.only:
         run_part(args)
     elif args.command == "point":

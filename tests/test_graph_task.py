@@ -628,8 +628,10 @@ def test_a_sweep_point_can_start_coconut_from_an_early_cot_base(tmp_path, monkey
     args = ["point", "--nodes", "8", "--min-path", "2", "--max-path", "3", "--n-train", "40", "--n-test", "6",
             "--base-steps", "6", "--batch-size", "8", "--steps-per-stage", "2", "--final-stage-steps", "2",
             "--threads", "1", "--early-base-steps", "2"]
-    with pytest.raises(SystemExit):
-        graph_sweep.main([*args[:-1], "-1"])
+    for bad in ("-1", "6"):  # an early base as long as the point's is not early
+        with pytest.raises(SystemExit):
+            graph_sweep.main([*args[:-1], bad])
+        assert "give fewer steps than --base-steps (6)" in capsys.readouterr().err
     graph_sweep.main([*args, "--only", "coconut"])  # needs no point's CoT base: it trains its own first
     out = capsys.readouterr().out
     assert "base/cot: training" in out and "curriculum/coconut_plain: training" in out
