@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads must not spin
@@ -347,7 +348,8 @@ def status() -> None:
     if not runs:
         print(f"no sweep point under {artifacts.runs_root()} yet")
     for run_dir in runs:
-        if run_dir.name.endswith("-coconut"):  # an --early-base-steps point's Coconut and the base it starts from
+        # an --early-base-steps point's Coconut and the base it starts from (the run coconut_run names)
+        if re.search(r"-early\d+-coconut$", run_dir.name):
             print(f"{run_dir.name} (Coconut of {run_dir.name.removesuffix('-coconut')})")
             print(f"  {EARLY_BASE}: {part_status(run_dir, 'base', 'cot')}")
             print(f"  Coconut: {part_status(run_dir, *PARTS['Coconut'])}")
@@ -395,12 +397,18 @@ def coconut_steps(point: dict) -> int:
                             final_stage_steps=b["final_stage_steps"]).total_steps
 
 
+def coconut_base_steps(point: dict) -> int:
+    """The steps of the CoT base a point's curriculum started from: its own base's, or the
+    early base's with ``--early-base-steps``."""
+    b = point["budget"]
+    return b.get("early_base_steps", b["base_steps"])
+
+
 def sweep_order(point: dict) -> tuple:
     """A point's place in the table and the figures: by model and size, then by budget."""
     b = point["budget"]
     return (point["model"], point["nodes"], f"{point['min_path']}-{point['max_path']}", b["base_steps"],
-            coconut_steps(point), b.get("early_base_steps", b["base_steps"]), b["c_thought"], b["uniform_prob"],
-            b["lr"])
+            coconut_steps(point), coconut_base_steps(point), b["c_thought"], b["uniform_prob"], b["lr"])
 
 
 def sweep_table(points: list[dict]):
@@ -412,9 +420,7 @@ def sweep_table(points: list[dict]):
     for p in sorted(points, key=sweep_order):
         row = {"model": p["model"], "nodes": p["nodes"], "paths": f"{p['min_path']}-{p['max_path']}",
                "question_words": round(p["mean_question_words"], 1), "base_steps": p["budget"]["base_steps"],
-               "coconut_steps": coconut_steps(p), "coconut_base_steps": p["budget"].get("early_base_steps",
-                                                                                        p["budget"]["base_steps"]),
-               "n_train": p["n_train"],
+               "coconut_steps": coconut_steps(p), "coconut_base_steps": coconut_base_steps(p), "n_train": p["n_train"],
                "c": p["budget"]["c_thought"], "uniform_prob": p["budget"]["uniform_prob"], "lr": p["budget"]["lr"],
                "n_test": p["n_test"]}
         for r in p["rows"]:
